@@ -1,0 +1,319 @@
+"""Experiment configuration: YAML into frozen dataclasses, strict keys, dotted overrides.
+
+Every section is a frozen dataclass; loading checks keys, types and ranges and raises
+`ConfigError` naming the dotted key and what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mtssl.validation import ConfigError, require
+
+__all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "save_config"]
+
+
+@dataclass(frozen=True)
+class TrunkConfig:
+    depth: int = 101
+    units: tuple[int, int, int] | None = None  # overrides depth: units in blocks 1-3
+    width: float = 1.0
+    output_stride: Literal[8, 16] = 8
+    norm: Literal["batch", "group"] = "batch"
+
+    def __post_init__(self):
+        from mtssl.models.resnet_v2 import DEPTH_UNITS
+        require(self.units is not None or self.depth in DEPTH_UNITS, "depth",
+                f"must be one of {sorted(DEPTH_UNITS)} (or set units), got {self.depth}")
+        require(self.units is None or all(u >= 1 for u in self.units), "units",
+                f"every block needs at least one unit, got {self.units}")
+        require(0 < self.width <= 4, "width", f"must be in (0, 4], got {self.width}")
+
+
+@dataclass(frozen=True)
+class LassoConfig:
+    mode: Literal["lasso", "naive"] = "lasso"
+    l1: float = 1e-3  # weight of sum |alpha| added to each task's loss
+
+    def __post_init__(self):
+        require(self.l1 >= 0, "l1", f"must be >= 0, got {self.l1}")
+
+
+@dataclass(frozen=True)
+class HarmonizationConfig:
+    """Per task: feed Lab L replicated x3 (True) or the task's own RGB preprocessing."""
+    relative_position: bool = True
+    colorization: bool = True
+    exemplar: bool = False
+    motion_segmentation: bool = False
+
+    def __post_init__(self):
+        require(self.colorization, "colorization",
+                "colorization always sees L replicated x3 (its input is the grayscale image); "
+                "it cannot be switched off")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """RMSProp hyper-parameters shared by the per-task optimizers (learning rates are per task)."""
+    decay: float = 0.9
+    momentum: float = 0.9
+    eps: float = 1e-3
+    weight_decay: float = 1e-4
+
+    def __post_init__(self):
+        require(0 <= self.decay < 1, "decay", f"must be in [0, 1), got {self.decay}")
+        require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        require(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    max_steps: int = 1000
+    time_budget_s: float | None = None  # stop (with a checkpoint) when wall time exceeds this
+    warmup_steps: int = 0
+    decay: Literal["constant", "cosine"] = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        require(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s",
+                f"must be > 0 or null, got {self.time_budget_s}")
+        require(0 <= self.warmup_steps, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
+                f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    images: str = "embedded"  # folder of images, or 'embedded' (real photos bundled in scikit-image)
+    frames: str = "embedded"  # folder of frames with masks, or 'embedded' (synthetic clips)
+    num_workers: int = 0
+    image_cache: int = 256  # decoded images kept per loader process (0 = off)
+
+    def __post_init__(self):
+        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(self.image_cache >= 0, "image_cache", f"must be >= 0, got {self.image_cache}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/{name}"  # local folder for logs and the report; '{name}' -> config name
+    storage: str | None = None  # where checkpoints go: path, file:// or s3:// URI; default: dir
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    log_every: int = 10
+    report: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        require(self.checkpoint_every >= 1, "checkpoint_every",
+                f"must be >= 1, got {self.checkpoint_every}")
+        require(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
+        require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+
+
+def _tasks_config_cls():
+    # Task sections are declared by the task files themselves; this builds the section type.
+    from mtssl.tasks import TASKS
+    fields = [(name, t.config_cls, field(default_factory=t.config_cls)) for name, t in TASKS.items()]
+
+    def post_init(self):
+        require(any(getattr(self, n).enabled for n in TASKS), "",
+                f"at least one task must be enabled; tasks are {list(TASKS)}")
+
+    return dataclasses.make_dataclass("TasksConfig", fields, frozen=True,
+                                      namespace={"__post_init__": post_init})
+
+
+TasksConfig = _tasks_config_cls()
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    trunk: TrunkConfig = field(default_factory=TrunkConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    lasso: LassoConfig = field(default_factory=LassoConfig)
+    harmonization: HarmonizationConfig = field(default_factory=HarmonizationConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self):
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def enabled_tasks(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.tasks) if getattr(self.tasks, f.name).enabled]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir.replace("{name}", self.name))
+
+    @property
+    def storage_uri(self) -> str:
+        return (self.output.storage or str(self.run_dir)).replace("{name}", self.name)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
+            raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        item_types = args if (len(args) != 2 or args[1] is not Ellipsis) else (args[0],) * len(value)
+        if len(item_types) != len(value):
+            raise ConfigError(key, f"expected a list of {len(item_types)} items, got {value!r}")
+        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, strictly: unknown keys and wrong types are errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"expected a mapping of {[f.name for f in dataclasses.fields(cls)]}, "
+                                  f"got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(where, f"unknown key; valid keys here are: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        key = ".".join(p for p in (prefix, err.key) if p)
+        raise ConfigError(key, str(err).split("': ", 1)[-1]) from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain YAML-able data (tuples become lists) for saving and checkpoints."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def builtin_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("mtssl.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def read_yaml(source: str | Path) -> dict:
+    """A path to a YAML file, or the name of a built-in config (quickstart, paper, ...)."""
+    path = Path(source)
+    if not path.suffix and not path.exists():
+        names = builtin_configs()
+        if str(source) not in names:
+            raise ConfigError("", f"no config file {source!r} and no built-in config of that name; "
+                                  f"built-in: {', '.join(names)}")
+        text = resources.files("mtssl.configs").joinpath(f"{source}.yaml").read_text()
+    else:
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError("", f"cannot read config file {source}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("", f"{source} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{source} must hold a mapping at the top level")
+    return data
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """`a.b.c=value` sets data['a']['b']['c'] to value parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError("", f"override {assignment!r} must look like key.path=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(key, f"cannot parse value {raw!r}: {err}") from None
+
+
+def load_config(source: str | Path = "quickstart", overrides: list[str] | tuple[str, ...] = ()
+                ) -> Config:
+    data = read_yaml(source)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return build(Config, data)
+
+
+def from_dict(data: dict) -> Config:
+    return build(Config, data)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

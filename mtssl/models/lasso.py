@@ -1,0 +1,39 @@
+"""How a head reads the trunk: naively (last block-3 unit) or through a lasso mix of all units."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def l1_penalty(alpha: Tensor) -> Tensor:
+    """The lasso term for one task's coefficient row."""
+    return alpha.abs().sum()
+
+
+class TapMix(nn.Module):
+    """One task's read-out: sum_u alpha[u] * tap_u, or just the last tap in naive mode.
+
+    alpha starts one-hot on the last unit, so a lasso net starts out as the naive net.
+    Used by pre-training (one per task) and by eval-only lasso (one for the probe).
+    """
+
+    def __init__(self, *, num_taps: int, mode: str = "lasso"):
+        super().__init__()
+        if mode not in ("lasso", "naive"):
+            raise ValueError(f"mode must be 'lasso' or 'naive', got {mode!r}")
+        self.mode = mode
+        init = torch.zeros(num_taps)
+        init[-1] = 1.0
+        # Naive mode keeps no parameter at all, so its optimizer state and checkpoints hold none.
+        self.alpha = nn.Parameter(init) if mode == "lasso" else None
+
+    def forward(self, taps: dict[str, Tensor]) -> Tensor:
+        maps = list(taps.values())  # each (B, C, H, W), same shape
+        if self.alpha is None:
+            return maps[-1]
+        stacked = torch.stack(maps, dim=0)  # (U, B, C, H, W)
+        return torch.tensordot(self.alpha, stacked, dims=1)  # (B, C, H, W)
+
+    def penalty(self) -> Tensor | None:
+        return None if self.alpha is None else l1_penalty(self.alpha)

@@ -1,0 +1,108 @@
+"""Per-task RMSProp: every task keeps its own optimizer state, even for shared parameters.
+
+The rule (paper.md section 5, our reading of "separate RMSProp per task"): for a parameter p
+read by tasks T, task t keeps v_t fed only by its own gradients g_t and proposes
+    delta_t = -lr_t * g_t / (sqrt(v_t) + eps)        (with optional momentum on that ratio);
+p receives the sum of the deltas of the tasks that stepped. Head and alpha parameters belong to
+one task and are touched only by it. The single-process trainer and the distributed coordinator
+both go through `PerTaskRMSProp`, so both apply exactly the same rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+
+def rmsprop_delta(grad: Tensor, square_avg: Tensor, momentum_buf: Tensor | None, *,
+                  lr: float, decay: float, eps: float, momentum: float
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One RMSProp proposal. Returns (delta, new_square_avg, new_momentum_buf); pure."""
+    square_avg = decay * square_avg + (1.0 - decay) * grad * grad
+    direction = grad / (square_avg.sqrt() + eps)
+    if momentum_buf is not None:
+        direction = momentum * momentum_buf + direction
+        momentum_buf = direction
+    return -lr * direction, square_avg, momentum_buf
+
+
+class PerTaskRMSProp:
+    """Holds one RMSProp state per (task, parameter) and applies summed per-task deltas.
+
+    params: name -> parameter of the whole net. owners: task -> names that task updates
+    (its shared names plus its own head/alpha names). Weight decay applies to weight tensors
+    (ndim > 1) only: norms, biases and lasso coefficients are left alone.
+    """
+
+    def __init__(self, *, params: Mapping[str, torch.nn.Parameter],
+                 owners: Mapping[str, Iterable[str]], lr: Mapping[str, float],
+                 decay: float = 0.9, eps: float = 1e-8, momentum: float = 0.0,
+                 weight_decay: float = 0.0):
+        self.params = dict(params)
+        self.owners = {t: tuple(names) for t, names in owners.items()}
+        for task, names in self.owners.items():
+            missing = [n for n in names if n not in self.params]
+            if missing:
+                raise KeyError(f"task {task!r} owns unknown parameters {missing[:3]}")
+        if set(lr) != set(self.owners):
+            raise KeyError(f"learning rates given for {sorted(lr)}, tasks are {sorted(self.owners)}")
+        self.lr = dict(lr)
+        self.decay, self.eps, self.momentum, self.weight_decay = decay, eps, momentum, weight_decay
+        self.state: dict[str, dict[str, dict[str, Tensor]]] = {t: {} for t in self.owners}
+        self.steps: dict[str, int] = {t: 0 for t in self.owners}
+
+    def deltas(self, task: str, grads: Mapping[str, Tensor], *, lr_scale: float = 1.0
+               ) -> dict[str, Tensor]:
+        """Task `task`'s proposed updates from its gradients; advances only that task's state."""
+        owned = set(self.owners[task])
+        stray = [n for n in grads if n not in owned]
+        if stray:
+            raise KeyError(f"task {task!r} sent gradients for parameters it does not own: {stray[:3]}")
+        out = {}
+        for name, grad in grads.items():
+            param = self.params[name]
+            grad = grad.to(param.dtype)
+            if self.weight_decay and param.ndim > 1:
+                grad = grad + self.weight_decay * param.detach()
+            st = self.state[task].setdefault(name, {"square_avg": torch.zeros_like(param)})
+            if self.momentum and "momentum" not in st:
+                st["momentum"] = torch.zeros_like(param)
+            delta, st["square_avg"], mom = rmsprop_delta(
+                grad, st["square_avg"], st.get("momentum"), lr=self.lr[task] * lr_scale,
+                decay=self.decay, eps=self.eps, momentum=self.momentum)
+            if mom is not None:
+                st["momentum"] = mom
+            out[name] = delta
+        self.steps[task] += 1
+        return out
+
+    @torch.no_grad()
+    def apply(self, deltas: Mapping[str, Tensor]) -> None:
+        for name, delta in deltas.items():
+            self.params[name].add_(delta)
+
+    @torch.no_grad()
+    def step(self, grads_by_task: Mapping[str, Mapping[str, Tensor]], *, lr_scale: float = 1.0
+             ) -> None:
+        """Synchronous round: every task's delta is computed from the same parameters, then summed."""
+        total: dict[str, Tensor] = {}
+        for task, grads in grads_by_task.items():
+            for name, delta in self.deltas(task, grads, lr_scale=lr_scale).items():
+                total[name] = total[name] + delta if name in total else delta
+        self.apply(total)
+
+    def state_dict(self) -> dict:
+        return {"state": {t: {n: dict(s) for n, s in per.items()} for t, per in self.state.items()},
+                "steps": dict(self.steps)}
+
+    def load_state_dict(self, sd: Mapping) -> None:
+        unknown = set(sd["state"]) - set(self.owners)
+        if unknown:
+            raise KeyError(f"optimizer state has tasks {sorted(unknown)} this run does not train")
+        for task in self.owners:
+            per = sd["state"].get(task, {})
+            self.state[task] = {n: {k: v.to(self.params[n].device) for k, v in s.items()}
+                                for n, s in per.items()}
+            self.steps[task] = int(sd["steps"].get(task, 0))

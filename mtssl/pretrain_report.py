@@ -1,0 +1,173 @@
+"""The pre-training report of one run: Markdown + PNG, readable without anything else.
+
+Loss and pretext-metric curves per task (from metrics.jsonl), pretext metrics of the latest
+checkpoint on freshly drawn samples, colorized predictions next to the originals, predicted
+motion masks next to the true ones, and the lasso alpha heatmap.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mtssl.checkpoint import CheckpointStore
+from mtssl.colour import lab_to_rgb
+from mtssl.config import from_dict
+from mtssl.data.sources import TaskData
+from mtssl.data.stream import loader
+from mtssl.models.multitask import MultiTaskNet
+from mtssl.storage import open_storage
+from mtssl.train import skip_summary, to_device
+
+EVAL_STREAM = 2000  # stream ids apart from training's: new draws (same image pool)
+EVAL_BATCHES = 4
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = sorted({t for r in records for t in r["tasks"]})
+    fig, axes = plt.subplots(2, len(tasks), figsize=(3.6 * len(tasks), 6), squeeze=False)
+    steps = [r["step"] for r in records]
+    for col, task in enumerate(tasks):
+        keys = sorted({k for r in records for k in r["tasks"].get(task, {})})
+        for row, key in enumerate(["loss", next((k for k in keys if k != "loss"), "loss")]):
+            ax = axes[row][col]
+            ax.plot(steps, [r["tasks"].get(task, {}).get(key, np.nan) for r in records])
+            ax.set_title(f"{task}: {key}", fontsize=9)
+            ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def plot_alpha(alpha: np.ndarray, tasks: list[str], taps: list[str], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(taps), 0.9 + 0.5 * len(tasks)))
+    im = ax.imshow(np.abs(alpha), cmap="viridis", aspect="auto")
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    ax.set_xticks(range(len(taps)), [t.split("_")[-1] for t in taps], fontsize=7)
+    ax.set_xlabel("block-3 unit")
+    ax.set_title("|alpha| per task and unit", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def save_grid(rows: list[list[np.ndarray]], titles: list[str], out: Path) -> None:
+    """rows of (H, W, 3) or (H, W) images in [0, 1]; one column per title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(2.4 * len(titles), 2.2 * len(rows)),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            ax = axes[r][c]
+            ax.imshow(np.clip(img, 0, 1), cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+            ax.axis("off")
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def display(x: torch.Tensor) -> np.ndarray:
+    """A network input (3, H, W) in [-1, 1] (RGB or replicated L) -> (H, W, 3) in [0, 1]."""
+    return ((x.permute(1, 2, 0).cpu().numpy() + 1.0) / 2.0).clip(0, 1)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    found = CheckpointStore(open_storage(cfg.storage_uri)).load_latest()
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint for the run in {run_dir} ({cfg.storage_uri})")
+    ckpt, step = found
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    data = TaskData(cfg)
+    model = MultiTaskNet.from_config(cfg)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+
+    lines = [f"# Pre-training report: {cfg.name}", "",
+             f"Checkpoint step {step} of {cfg.schedule.max_steps}; trunk depth {cfg.trunk.depth} "
+             f"units {list(model.trunk.units)}, width {cfg.trunk.width}, output stride "
+             f"{cfg.trunk.output_stride}; lasso mode `{cfg.lasso.mode}`; training wall time "
+             f"{ckpt['wall_s']:.0f} s.", ""]
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():
+        plot_curves(read_metrics(metrics_path), out / "curves.png")
+        lines += ["## Training curves", "", "![loss and pretext metric per task](curves.png)", ""]
+
+    lines += ["## Pretext metrics of the latest checkpoint", "",
+              f"Evaluation mode, {EVAL_BATCHES} batches per task of newly drawn samples from the "
+              "same image pool as training (not a held-out set).", "",
+              "| task | samples | loss | metric |", "|---|---|---|---|"]
+    first = {}
+    with torch.no_grad():
+        for task in model.tasks:
+            stream = data.stream(task, stop_batch=EVAL_BATCHES, stream_offset=EVAL_STREAM)
+            losses, mets, n = [], {}, 0
+            for batch in loader(stream, num_workers=0):
+                batch = to_device(batch, torch.device("cpu"))
+                first.setdefault(task, batch)
+                res = model(task, batch)
+                losses.append(res.loss.item())
+                for k, v in res.metrics.items():
+                    mets.setdefault(k, []).append(v)
+                n += len(next(iter(batch.values())))
+            metric = ", ".join(f"{k} {np.mean(v):.3f}" for k, v in mets.items())
+            lines.append(f"| {task} | {n} | {np.mean(losses):.4f} | {metric} |")
+    lines.append("")
+
+    if "colorization" in first:
+        batch = first["colorization"]
+        head = model.heads["colorization"]
+        n = min(4, len(batch["image"]))
+        pred = head.colorize(batch["image"][:n], lambda x: model.features("colorization", x))
+        light = (batch["image"][:n, :1] + 1.0) * 50.0
+        truth = lab_to_rgb(torch.cat([light, batch["ab"][:n]], dim=1))
+        rows = [[display(batch["image"][i]), pred[i].permute(1, 2, 0).numpy(),
+                 truth[i].permute(1, 2, 0).numpy()] for i in range(n)]
+        save_grid(rows, ["input (L)", "colorized", "original"], out / "colorization.png")
+        lines += ["## Colorization", "", "![colorized samples](colorization.png)", ""]
+
+    if "motion_segmentation" in first:
+        batch = first["motion_segmentation"]
+        n = min(4, len(batch["frame"]))
+        prob = model.heads["motion_segmentation"].predict(
+            batch["frame"][:n], lambda x: model.features("motion_segmentation", x))
+        rows = [[display(batch["frame"][i]), batch["mask"][i, 0].numpy(), prob[i, 0].numpy()]
+                for i in range(n)]
+        save_grid(rows, ["frame", "true mask", "predicted P(moves)"], out / "motion.png")
+        source = "synthetic clips (embedded default)" if cfg.data.frames == "embedded" else cfg.data.frames
+        lines += ["## Motion segmentation", "", f"Frames from {source}.", "",
+                  "![predicted motion masks](motion.png)", ""]
+
+    alpha = model.alpha_matrix().numpy()
+    plot_alpha(alpha, model.tasks, list(model.trunk.tap_names), out / "alpha.png")
+    lines += ["## Lasso coefficients", "", "![lasso alpha](alpha.png)", "",
+              "| task | " + " | ".join(t.split("_")[-1] for t in model.trunk.tap_names) + " |",
+              "|---|" + "---|" * len(model.trunk.tap_names)]
+    lines += [f"| {t} | " + " | ".join(f"{a:+.3f}" for a in row) + " |"
+              for t, row in zip(model.tasks, alpha)]
+    lines += ["", "## Skipped source items", "",
+              f"`{json.dumps(skip_summary(ckpt['skipped'])) or '{}'}` (task -> reason -> count)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,126 @@
+"""Exemplar (Dosovitskiy et al. 2014) with a triplet loss, as in the paper.
+
+Each image is a pseudo-class: two views of one patch, each translated, rotated, scaled and
+colour-shifted, are positives; views from other images in the batch are the negatives.
+Head: two residual units as in relative position; the flattened, L2-normalised map is the
+embedding. Loss: max(D(a, p) - D(a, n) + M, 0) with D the squared Euclidean distance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mtssl.validation import require
+from mtssl.data.transforms import network_input, resize, to_tensor
+from mtssl.models.heads import patch_tower
+from mtssl.tasks.base import Features, SkipSample, TaskConfig, TaskDef, TaskHead, TaskOutput, TrunkInfo
+
+
+@dataclass(frozen=True)
+class ExemplarConfig(TaskConfig):
+    batch_size: int = 8
+    image_size: int = 256
+    patch_size: int = 96
+    margin: float = 0.5
+    negatives: Literal["hardest", "random"] = "hardest"
+    max_translate: float = 0.2  # fraction of the patch size
+    max_rotate: float = 20.0  # degrees
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    color_shift: float = 0.1  # per-channel gain/offset amplitude, and saturation change
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.batch_size >= 2, "batch_size",
+                f"must be >= 2: negatives come from other images in the batch, got {self.batch_size}")
+        require(self.patch_size <= self.image_size, "patch_size",
+                f"must be <= image_size ({self.image_size}), got {self.patch_size}")
+        require(self.margin > 0, "margin", f"must be > 0, got {self.margin}")
+        lo, hi = self.scale_range
+        require(0 < lo <= hi, "scale_range", f"need 0 < low <= high, got {self.scale_range}")
+        require(0 <= self.max_translate <= 1, "max_translate",
+                f"must be in [0, 1], got {self.max_translate}")
+
+
+class ExemplarSampler:
+    def __init__(self, *, cfg: ExemplarConfig, harmonize: bool):
+        self.cfg, self.harmonize = cfg, harmonize
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        c = self.cfg
+        if min(img.shape[:2]) < c.patch_size:
+            raise SkipSample("too_small")
+        image = to_tensor(resize(img, (c.image_size, c.image_size)))  # (3, S, S)
+        half = c.patch_size / c.image_size  # patch half-extent in [-1, 1] coordinates is `half`
+        centre = rng.uniform(-1 + half, 1 - half, size=2)
+        views = torch.stack([self.view(image, centre, half, rng) for _ in range(2)])
+        return {"views": views.numpy()}  # (2, 3, P, P)
+
+    def view(self, image: Tensor, centre: np.ndarray, half: float, rng: np.random.Generator) -> Tensor:
+        c = self.cfg
+        angle = math.radians(rng.uniform(-c.max_rotate, c.max_rotate))
+        scale = half * rng.uniform(*c.scale_range)
+        shift = centre + rng.uniform(-1, 1, size=2) * c.max_translate * 2 * half
+        cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
+        theta = torch.tensor([[cos, -sin, shift[0]], [sin, cos, shift[1]]], dtype=torch.float32)
+        grid = F.affine_grid(theta[None], [1, 3, c.patch_size, c.patch_size], align_corners=False)
+        patch = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="reflection",
+                              align_corners=False)[0]  # (3, P, P)
+        gain = torch.from_numpy(rng.uniform(1 - c.color_shift, 1 + c.color_shift, (3, 1, 1))).float()
+        offset = torch.from_numpy(rng.uniform(-c.color_shift, c.color_shift, (3, 1, 1))).float()
+        grey = patch.mean(0, keepdim=True)
+        saturation = float(rng.uniform(1 - 2 * c.color_shift, 1 + 2 * c.color_shift))
+        patch = grey + saturation * (patch - grey)
+        return network_input((patch * gain + offset).clamp(0, 1), self.harmonize)
+
+
+def triplet_loss(anchor: Tensor, positive: Tensor, *, margin: float, negatives: str) -> tuple[Tensor, float]:
+    """(B, D) L2-normalised embeddings -> (loss, retrieval accuracy). Negatives: other rows."""
+    b = anchor.shape[0]
+    d_ap = torch.cdist(anchor, positive).pow(2)  # (B, B): anchor i vs every positive j
+    d_aa = torch.cdist(anchor, anchor).pow(2)
+    eye = torch.eye(b, dtype=torch.bool, device=anchor.device)
+    d_pos = d_ap.diagonal()
+    if negatives == "hardest":
+        candidates = torch.cat([d_ap.masked_fill(eye, math.inf), d_aa.masked_fill(eye, math.inf)], 1)
+        d_neg = candidates.min(1).values
+    else:
+        other = (torch.arange(b, device=anchor.device) + torch.randint(1, b, (b,), device=anchor.device)) % b
+        d_neg = d_ap[torch.arange(b, device=anchor.device), other]
+    loss = F.relu(d_pos - d_neg + margin).mean()
+    acc = (d_ap.argmin(1) == torch.arange(b, device=anchor.device)).float().mean().item()
+    return loss, acc
+
+
+class ExemplarHead(TaskHead):
+    def __init__(self, *, in_ch: int, width: float, margin: float = 0.5,
+                 negatives: str = "hardest", norm: str = "batch"):
+        super().__init__()
+        self.tower = patch_tower(in_ch=in_ch, width=width, norm=norm)
+        self.margin, self.negatives = margin, negatives
+
+    def embed(self, views: Tensor, features: Features) -> Tensor:
+        return F.normalize(self.tower(features(views)).flatten(1), dim=1)  # (N, D)
+
+    def forward(self, batch: dict[str, Tensor], features: Features) -> TaskOutput:
+        views = batch["views"]  # (B, 2, 3, P, P)
+        emb = self.embed(views.flatten(0, 1), features).view(views.shape[0], 2, -1)
+        loss, acc = triplet_loss(emb[:, 0], emb[:, 1], margin=self.margin, negatives=self.negatives)
+        return TaskOutput(loss=loss, metrics={"retrieval_acc": acc})
+
+
+TASK = TaskDef(
+    name="exemplar",
+    config_cls=ExemplarConfig,
+    source="images",
+    build_sampler=lambda cfg, trunk, harmonize: ExemplarSampler(cfg=cfg, harmonize=harmonize),
+    build_head=lambda cfg, trunk: ExemplarHead(in_ch=trunk.channels, width=trunk.width,
+                                               margin=cfg.margin, negatives=cfg.negatives,
+                                               norm=trunk.norm),
+)

@@ -1,0 +1,151 @@
+"""Relative position (Doersch et al. 2015): which of the 8 neighbours is the second patch?
+
+Sampler: resize the image to a random area, lay a 3x3 grid of patches with gaps and jitter
+(the gap and jitter stop the net from matching edges and textures across the border), take
+the centre patch and one neighbour. Head: two residual units per patch, flatten, join the
+pair, three fully connected residual units, 8-way classifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtssl.validation import require
+from mtssl.data.transforms import network_input, resize, to_tensor
+from mtssl.models.heads import patch_tower
+from mtssl.models.resnet_v2 import scaled
+from mtssl.tasks.base import (Features, SkipSample, TaskConfig, TaskDef, TaskHead, TaskOutput,
+                              TrunkInfo, feature_size)
+
+# The 8 neighbours of the centre cell, in label order: (row, col) offsets.
+NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+@dataclass(frozen=True)
+class RelativePositionConfig(TaskConfig):
+    patch_size: int = 96
+    gap: int = 48
+    jitter: int = 7
+    min_pixels: int = 150_000  # the image is resized to a random area in [min, max] pixels
+    max_pixels: int = 450_000
+    max_upscale: float = 2.0  # images needing more enlargement than this are skipped as too small
+    color_drop: bool = True  # without harmonization: keep one colour channel, noise the others
+    fc_width: int = 4096  # width of the fully connected residual units (scaled by trunk width)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.patch_size >= 8, "patch_size", f"must be >= 8, got {self.patch_size}")
+        require(self.gap >= 0 and self.jitter >= 0, "gap",
+                f"gap and jitter must be >= 0, got {self.gap}, {self.jitter}")
+        require(self.jitter * 2 <= self.gap or self.gap == 0, "jitter",
+                f"jitter ({self.jitter}) must be at most half the gap ({self.gap}) so patches never overlap")
+        require(0 < self.min_pixels <= self.max_pixels, "min_pixels",
+                f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        require(self.max_pixels >= self.span ** 2, "max_pixels",
+                f"the 3x3 grid needs {self.span}x{self.span} px; max_pixels={self.max_pixels} is too few")
+        require(self.max_upscale >= 1.0, "max_upscale", f"must be >= 1, got {self.max_upscale}")
+
+    @property
+    def span(self) -> int:
+        """Side of the square the jittered 3x3 grid can occupy."""
+        return 3 * self.patch_size + 2 * self.gap + 2 * self.jitter
+
+
+class RelativePositionSampler:
+    def __init__(self, *, cfg: RelativePositionConfig, harmonize: bool):
+        self.cfg, self.harmonize = cfg, harmonize
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        c = self.cfg
+        h, w = img.shape[:2]
+        area = rng.uniform(c.min_pixels, c.max_pixels)
+        scale = np.sqrt(area / (h * w))
+        nh, nw = int(round(h * scale)), int(round(w * scale))
+        if scale > c.max_upscale or min(nh, nw) < c.span:
+            raise SkipSample("too_small")
+        img = resize(img, (nh, nw))
+        y0 = int(rng.integers(c.jitter, nh - c.span + c.jitter + 1))
+        x0 = int(rng.integers(c.jitter, nw - c.span + c.jitter + 1))
+        label = int(rng.integers(8))
+        dr, dc = NEIGHBOURS[label]
+        step = c.patch_size + c.gap
+        patches = []
+        for r, col in ((1, 1), (1 + dr, 1 + dc)):
+            y = y0 + r * step + int(rng.integers(-c.jitter, c.jitter + 1))
+            x = x0 + col * step + int(rng.integers(-c.jitter, c.jitter + 1))
+            patches.append(self.transform(to_tensor(img[y:y + c.patch_size, x:x + c.patch_size]), rng))
+        return {"patches": torch.stack(patches).numpy(), "label": np.int64(label)}  # (2, 3, P, P)
+
+    def transform(self, patch: Tensor, rng: np.random.Generator) -> Tensor:
+        if self.harmonize:
+            return network_input(patch, True)
+        x = network_input(patch, False)
+        if self.cfg.color_drop:
+            # Chromatic aberration lets a net locate a patch in the lens; one channel hides it.
+            keep = int(rng.integers(3))
+            for ch in range(3):
+                if ch != keep:
+                    noise = rng.normal(0.0, 0.01 * float(x[ch].std()) + 1e-6, x[ch].shape)
+                    x[ch] = torch.from_numpy(noise.astype(np.float32))
+        return x
+
+
+def fc_norm(kind: str, dim: int) -> nn.Module:
+    return nn.BatchNorm1d(dim) if kind == "batch" else nn.LayerNorm(dim)
+
+
+class FCResidualUnit(nn.Module):
+    """Pre-activation residual unit with fully connected layers."""
+
+    def __init__(self, *, dim: int, norm: str):
+        super().__init__()
+        self.body = nn.Sequential(fc_norm(norm, dim), nn.ReLU(), nn.Linear(dim, dim),
+                                  fc_norm(norm, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class RelativePositionHead(TaskHead):
+    def __init__(self, *, in_ch: int, patch_size: int, output_stride: int, width: float,
+                 fc_width: int, norm: str = "batch"):
+        super().__init__()
+        self.tower = patch_tower(in_ch=in_ch, width=width, norm=norm)
+        side = feature_size(feature_size(patch_size, output_stride), 4)  # after the two stride-2 units
+        tower_ch = scaled(512, width)
+        dim = scaled(fc_width, width)
+        self.join = nn.Linear(2 * tower_ch * side * side, dim)
+        self.units = nn.Sequential(*(FCResidualUnit(dim=dim, norm=norm) for _ in range(3)))
+        self.classify = nn.Sequential(fc_norm(norm, dim), nn.ReLU(), nn.Linear(dim, 8))
+
+    def logits(self, patches: Tensor, features: Features) -> Tensor:
+        b = patches.shape[0]  # patches: (B, 2, 3, P, P)
+        maps = self.tower(features(patches.flatten(0, 1)))  # (2B, C, s, s)
+        pair = maps.flatten(1).view(b, -1)  # (B, 2*C*s*s): centre then neighbour
+        return self.classify(self.units(self.join(pair)))  # (B, 8)
+
+    def forward(self, batch: dict[str, Tensor], features: Features) -> TaskOutput:
+        logits = self.logits(batch["patches"], features)
+        loss = F.cross_entropy(logits, batch["label"])
+        acc = (logits.argmax(1) == batch["label"]).float().mean().item()
+        return TaskOutput(loss=loss, metrics={"acc": acc})
+
+
+def build_head(cfg: RelativePositionConfig, trunk: TrunkInfo) -> RelativePositionHead:
+    return RelativePositionHead(in_ch=trunk.channels, patch_size=cfg.patch_size,
+                                output_stride=trunk.output_stride, width=trunk.width,
+                                fc_width=cfg.fc_width, norm=trunk.norm)
+
+
+TASK = TaskDef(
+    name="relative_position",
+    config_cls=RelativePositionConfig,
+    source="images",
+    build_sampler=lambda cfg, trunk, harmonize: RelativePositionSampler(cfg=cfg, harmonize=harmonize),
+    build_head=build_head,
+)

@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from mtssl.models.lasso import TapMix
+from mtssl.optim import PerTaskRMSProp, rmsprop_delta
+
+
+def taps(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {f"u{i}": torch.randn(4, 2, 3, 3, generator=g) for i in range(n)}
+
+
+def test_lasso_starts_as_the_naive_net():
+    t = taps()
+    assert torch.equal(TapMix(num_taps=3)(t), t["u2"])
+    assert torch.equal(TapMix(num_taps=3, mode="naive")(t), t["u2"])
+
+
+def test_l1_drives_penalised_alpha_to_zero():
+    t = taps()
+    target = t["u0"]  # only the first unit is useful; the init reads only the last
+    mix = TapMix(num_taps=3)
+    opt = torch.optim.SGD(mix.parameters(), lr=0.05)
+    for _ in range(400):
+        opt.zero_grad()
+        loss = (mix(t) - target).pow(2).mean() + 0.02 * mix.penalty()
+        loss.backward()
+        opt.step()
+    alpha = mix.alpha.detach()
+    assert abs(alpha[2]) < 0.05 and abs(alpha[1]) < 0.05  # from 1.0 and 0.0
+    assert 0.8 < alpha[0] < 1.0  # shrunk a little by the penalty, as a lasso does
+
+    pure = TapMix(num_taps=3)
+    opt = torch.optim.SGD(pure.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        (1.0 * pure.penalty()).backward()
+        opt.step()
+    assert pure.alpha.detach().abs().max() < 0.05
+
+
+def hand_rmsprop(g, v, lr, decay, eps):
+    v = decay * v + (1 - decay) * g * g
+    return -lr * g / (math.sqrt(v) + eps), v
+
+
+def test_per_task_rmsprop_matches_hand_computed_two_task_update():
+    shared = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    head_a = torch.nn.Parameter(torch.tensor([0.5]))
+    params = {"w": shared, "head_a": head_a}
+    opt = PerTaskRMSProp(params=params, owners={"a": ["w", "head_a"], "b": ["w"]},
+                         lr={"a": 0.1, "b": 0.01}, decay=0.9, eps=1e-3, momentum=0.0)
+    grads = [({"w": torch.tensor([0.3, -0.1]), "head_a": torch.tensor([2.0])},
+              {"w": torch.tensor([-4.0, 0.5])}),
+             ({"w": torch.tensor([0.2, 0.2]), "head_a": torch.tensor([-1.0])},
+              {"w": torch.tensor([1.0, 1.0])})]
+    w, h = [1.0, -2.0], 0.5
+    va, vb, vh = [0.0, 0.0], [0.0, 0.0], 0.0
+    for ga, gb in grads:
+        opt.step({"a": ga, "b": gb})
+        for i in range(2):  # each task's state sees only its own gradients
+            da, va[i] = hand_rmsprop(ga["w"][i].item(), va[i], 0.1, 0.9, 1e-3)
+            db, vb[i] = hand_rmsprop(gb["w"][i].item(), vb[i], 0.01, 0.9, 1e-3)
+            w[i] += da + db
+        dh, vh = hand_rmsprop(ga["head_a"].item(), vh, 0.1, 0.9, 1e-3)
+        h += dh
+        assert shared.tolist() == pytest.approx(w, rel=1e-6)
+        assert head_a.item() == pytest.approx(h, rel=1e-6)
+    assert opt.state["b"]["w"]["square_avg"].tolist() == pytest.approx(vb, rel=1e-6)
+
+
+def test_tasks_cannot_touch_other_tasks_parameters():
+    params = {"w": torch.nn.Parameter(torch.zeros(2)), "head_a": torch.nn.Parameter(torch.zeros(1))}
+    opt = PerTaskRMSProp(params=params, owners={"a": ["w", "head_a"], "b": ["w"]},
+                         lr={"a": 0.1, "b": 0.1})
+    with pytest.raises(KeyError, match="does not own"):
+        opt.step({"b": {"head_a": torch.ones(1)}})
+
+
+def test_momentum_and_state_round_trip():
+    g = torch.tensor([0.5])
+    delta1, v, m = rmsprop_delta(g, torch.zeros(1), torch.zeros(1), lr=0.1, decay=0.9, eps=0.0,
+                                 momentum=0.9)
+    delta2, _, _ = rmsprop_delta(g, v, m, lr=0.1, decay=0.9, eps=0.0, momentum=0.9)
+    r1 = 0.5 / math.sqrt(0.1 * 0.25)
+    r2 = 0.5 / math.sqrt(0.9 * 0.1 * 0.25 + 0.1 * 0.25)
+    assert delta1.item() == pytest.approx(-0.1 * r1)
+    assert delta2.item() == pytest.approx(-0.1 * (0.9 * r1 + r2))
+
+    p = {"w": torch.nn.Parameter(torch.ones(3))}
+    opt = PerTaskRMSProp(params=p, owners={"a": ["w"]}, lr={"a": 0.1}, momentum=0.9)
+    opt.step({"a": {"w": torch.ones(3)}})
+    clone = PerTaskRMSProp(params=p, owners={"a": ["w"]}, lr={"a": 0.1}, momentum=0.9)
+    clone.load_state_dict(opt.state_dict())
+    d1 = opt.deltas("a", {"w": torch.ones(3)})
+    d2 = clone.deltas("a", {"w": torch.ones(3)})
+    assert torch.equal(d1["w"], d2["w"])

@@ -1,0 +1,157 @@
+"""Each task: its sampler's geometry and skips, its loss, and that the loss falls on a fixed batch."""
+
+import numpy as np
+import pytest
+import torch
+
+from mtssl.data.embedded import embedded_photos, synthetic_motion_clips
+from mtssl.data.images import ArrayImages, FolderImages
+from mtssl.data.stream import TaskStream
+from mtssl.models.lasso import TapMix
+from mtssl.models.resnet_v2 import ResNetV2Trunk
+from mtssl.optim import PerTaskRMSProp
+from mtssl.tasks import TASKS
+from mtssl.tasks.base import SkipSample, TrunkInfo
+from mtssl.tasks.exemplar import triplet_loss
+from mtssl.tasks.relative_position import NEIGHBOURS
+
+TRUNK = TrunkInfo(channels=64, width=0.0625, output_stride=8, norm="batch")
+SMALL = {
+    "relative_position": dict(patch_size=16, gap=8, jitter=2, min_pixels=6000, max_pixels=12000),
+    "colorization": dict(input_size=32),
+    "exemplar": dict(image_size=48, patch_size=16),
+    "motion_segmentation": dict(frame_size=(32, 48)),
+}
+
+
+def task_cfg(task, **kw):
+    return TASKS[task].config_cls(**{**SMALL[task], **kw})
+
+
+def fixed_batch(task, n=8):
+    cfg = task_cfg(task)
+    source = embedded_photos() if TASKS[task].source == "images" else synthetic_motion_clips(
+        num_clips=2, frames_per_clip=4, size=(48, 64))[0]
+    sampler = TASKS[task].build_sampler(cfg, TRUNK, task in ("relative_position", "colorization"))
+    stream = TaskStream(source=source, sampler=sampler, batch_size=n, seed=0, stream_id=0)
+    batch = stream.batch(0)
+    batch.pop("skipped")
+    return cfg, batch
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_loss_is_finite_and_falls_on_a_fixed_batch(task):
+    torch.manual_seed(0)
+    cfg, batch = fixed_batch(task)
+    trunk = ResNetV2Trunk(units=(1, 1, 2), width=0.0625, output_stride=8)
+    head = TASKS[task].build_head(cfg, TRUNK)
+    mix = TapMix(num_taps=2)
+    if task == "colorization":
+        head.calibrate([batch])
+    modules = torch.nn.ModuleDict({"trunk": trunk, "head": head, "mix": mix})
+    params = dict(modules.named_parameters())
+    opt = PerTaskRMSProp(params=params, owners={task: list(params)}, lr={task: 2e-3},
+                         momentum=0.9, eps=1e-3)
+    losses = []
+    for _ in range(12):
+        out = head(batch, lambda x: mix(trunk(x).taps))
+        assert torch.isfinite(out.loss)
+        losses.append(out.loss.item())
+        grads = torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
+        opt.step({task: {n: g for n, g in zip(params, grads) if g is not None}})
+    assert min(losses[-3:]) < 0.8 * losses[0], losses
+    assert set(out.metrics) and all(0 <= v <= 1 for v in out.metrics.values())
+
+
+def coordinate_image(h=120, w=160):
+    """R encodes x, G encodes y, so a patch says where it came from."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)
+
+
+def test_relative_position_label_matches_geometry():
+    img = coordinate_image()
+    cfg = task_cfg("relative_position", min_pixels=img.shape[0] * img.shape[1],
+                   max_pixels=img.shape[0] * img.shape[1], color_drop=False)
+    sampler = TASKS["relative_position"].build_sampler(cfg, TRUNK, False)
+    step = cfg.patch_size + cfg.gap
+    for seed in range(20):
+        s = sampler(img, np.random.default_rng(seed))
+        corners = ((s["patches"][:, :2, 0, 0] + 1) / 2 * 255).round()  # (2, [x, y])
+        dx, dy = corners[1] - corners[0]
+        dr, dc = NEIGHBOURS[int(s["label"])]
+        assert abs(dx - dc * step) <= 2 * cfg.jitter and abs(dy - dr * step) <= 2 * cfg.jitter
+
+
+def test_harmonized_patches_are_lightness_only():
+    cfg = task_cfg("relative_position")
+    s = TASKS["relative_position"].build_sampler(cfg, TRUNK, True)(
+        embedded_photos().load(0), np.random.default_rng(0))
+    p = s["patches"]
+    assert np.array_equal(p[:, 0], p[:, 1]) and np.array_equal(p[:, 1], p[:, 2])
+    assert p.min() >= -1 and p.max() <= 1
+
+
+def test_samplers_skip_what_they_cannot_use():
+    tiny = np.zeros((10, 12, 3), np.uint8)
+    grey = np.repeat(np.random.default_rng(0).integers(0, 255, (80, 80, 1), dtype=np.uint8), 3, 2)
+    rng = np.random.default_rng(0)
+    for task in ("relative_position", "colorization", "exemplar"):
+        sampler = TASKS[task].build_sampler(task_cfg(task), TRUNK, False)
+        with pytest.raises(SkipSample, match="too_small"):
+            sampler(tiny, rng)
+    with pytest.raises(SkipSample, match="grayscale"):
+        TASKS["colorization"].build_sampler(task_cfg("colorization"), TRUNK, True)(grey, rng)
+    with pytest.raises(SkipSample, match="too_small"):
+        TASKS["motion_segmentation"].build_sampler(task_cfg("motion_segmentation"), TRUNK, False)(
+            (tiny, np.zeros((10, 12), np.float32)), rng)
+
+
+def test_stream_skips_and_counts_bad_items_once(tmp_path):
+    photo = embedded_photos().load(0)
+    from PIL import Image
+    Image.fromarray(photo).save(tmp_path / "good.png")
+    Image.fromarray(photo[:10, :10]).save(tmp_path / "tiny.png")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "empty.png").write_bytes(b"")
+    sampler = TASKS["exemplar"].build_sampler(task_cfg("exemplar"), TRUNK, False)
+    stream = TaskStream(source=FolderImages(tmp_path), sampler=sampler, batch_size=4, seed=0,
+                        stream_id=0)
+    skipped = [item for b in range(6) for item in stream.batch(b)["skipped"]]
+    reasons = {name.rsplit("/", 1)[-1]: why for name, why in skipped}
+    assert len(skipped) == 3 and reasons["tiny.png"] == "too_small"
+    assert set(reasons) == {"tiny.png", "corrupt.jpg", "empty.png"}
+
+
+def test_stream_is_deterministic_and_shards_split_batches():
+    sampler = TASKS["exemplar"].build_sampler(task_cfg("exemplar"), TRUNK, False)
+    full = TaskStream(source=embedded_photos(), sampler=sampler, batch_size=4, seed=3, stream_id=2)
+    halves = [TaskStream(source=embedded_photos(), sampler=sampler, batch_size=4, seed=3,
+                         stream_id=2, shard=(k, 2)) for k in range(2)]
+    whole = full.batch(5)["views"]
+    joined = torch.cat([h.batch(5)["views"] for h in halves])
+    assert torch.equal(whole, joined)
+    assert torch.equal(whole, full.batch(5)["views"])
+    assert not torch.equal(whole, full.batch(6)["views"])
+
+
+def test_triplet_loss_known_values():
+    a = torch.eye(3)
+    loss, acc = triplet_loss(a, a.clone(), margin=0.5, negatives="hardest")
+    assert loss.item() == pytest.approx(0.0) and acc == 1.0  # d_pos 0, d_neg 2
+    loss, acc = triplet_loss(a, a[[1, 2, 0]], margin=0.5, negatives="hardest")
+    # each anchor's own positive is at distance 2, while another row's positive equals the
+    # anchor (distance 0): that is the hardest negative, so the loss is 2 - 0 + 0.5
+    assert loss.item() == pytest.approx(2.5) and acc == 0.0
+    loss, _ = triplet_loss(a, a.clone(), margin=3.0, negatives="random")
+    assert loss.item() == pytest.approx(1.0)  # 0 - 2 + 3 for every anchor
+
+
+def test_colorization_calibration_sets_rebalancing():
+    cfg, batch = fixed_batch("colorization")
+    head = TASKS["colorization"].build_head(cfg, TRUNK)
+    assert torch.all(head.class_weights == 1)
+    head.calibrate([batch])
+    w, p = head.class_weights, head.prior
+    assert (p * w).sum().item() == pytest.approx(1.0, abs=1e-4)
+    assert w[p.argmax()] < 1 < w[p.argmin()]  # common colours down-weighted, rare ones up

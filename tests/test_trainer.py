@@ -1,0 +1,112 @@
+"""The single-process trainer: a full tiny run, exact resume, failure handling, the paper config."""
+
+import json
+
+import pytest
+import torch
+
+from mtssl.checkpoint import CheckpointStore
+from mtssl.cli import main
+from mtssl.config import load_config
+from mtssl.storage import open_storage
+from mtssl.train import Trainer, TrainingError
+
+
+def params_of(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_tiny_run_writes_config_metrics_checkpoint(tiny_config):
+    cfg = tiny_config("schedule.max_steps=4", "output.log_every=2", "output.checkpoint_every=2")
+    state = Trainer(cfg).train()
+    assert state.step == 4 and all(n == 16 for n in state.samples.values())
+    assert (cfg.run_dir / "config.yaml").exists()
+    records = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert set(records[-1]["tasks"]) == set(cfg.enabled_tasks())
+    ckpts = CheckpointStore(open_storage(cfg.storage_uri)).list_checkpoints()
+    assert [c["step"] for c in ckpts] == [2, 4]
+    # the embedded pool has 5 grayscale photos: colorization skips and counts them
+    assert set(state.skipped["colorization"].values()) == {"grayscale"}
+
+
+def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tiny_config):
+    sets = ("schedule.max_steps=4", "output.checkpoint_every=100")
+    straight = Trainer(tiny_config(*sets, run="a"))
+    straight.train()
+
+    first = Trainer(tiny_config(*sets, run="b"))
+    first.train(stop_at=2)  # interrupted after step 2, checkpointed
+    resumed = Trainer(tiny_config(*sets, run="b"), resume=True)
+    assert resumed.resumed and resumed.state.step == 2
+    resumed.train()
+    a, b = params_of(straight), params_of(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    assert straight.opt.steps == resumed.opt.steps
+
+
+def test_resume_refuses_a_changed_model(tiny_config):
+    Trainer(tiny_config("schedule.max_steps=1", run="c")).train()
+    with pytest.raises(TrainingError, match="trunk.width"):
+        Trainer(tiny_config("schedule.max_steps=2", "trunk.width=0.125", run="c"), resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
+    cfg = tiny_config("schedule.max_steps=6", "output.checkpoint_every=2")
+    trainer = Trainer(cfg)
+    head = trainer.model.heads["exemplar"]
+    original = head.forward
+
+    def poisoned(batch, features):
+        out = original(batch, features)
+        if trainer.state.step >= 3:
+            out.loss = out.loss * float("nan")
+        return out
+    monkeypatch.setattr(head, "forward", poisoned)
+    with pytest.raises(TrainingError, match="task 'exemplar' at step 3"):
+        trainer.train()
+    _, step = CheckpointStore(open_storage(cfg.storage_uri)).load_latest()
+    assert step == 2
+
+
+def test_time_budget_stops_with_a_checkpoint(tiny_config):
+    cfg = tiny_config("schedule.max_steps=1000", "schedule.time_budget_s=0.5")
+    state = Trainer(cfg).train()
+    assert 1 <= state.step < 1000
+    _, step = CheckpointStore(open_storage(cfg.storage_uri)).load_latest()
+    assert step == state.step
+
+
+def test_cli_quickstart_path_and_report(tmp_path, capsys):
+    from conftest import TINY
+    args = ["train", "--config", "quickstart", "--out", str(tmp_path / "q")]
+    for s in TINY + ["schedule.max_steps=3", "output.log_every=1"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    report = (tmp_path / "q" / "report" / "report.md").read_text()
+    for part in ("curves.png", "colorization.png", "motion.png", "alpha.png", "| exemplar |"):
+        assert part in report
+    assert "--resume" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_paper_config_builds_and_runs_one_step_at_reduced_input(tmp_path):
+    cfg = load_config("paper", [
+        f"output.dir={tmp_path}", "output.progress=false", "schedule.max_steps=1",
+        "data.num_workers=0", "tasks.colorization.prior_batches=1",
+        "tasks.relative_position.patch_size=32", "tasks.relative_position.gap=16",
+        "tasks.relative_position.jitter=3", "tasks.relative_position.min_pixels=20000",
+        "tasks.relative_position.max_pixels=40000", "tasks.relative_position.batch_size=2",
+        "tasks.colorization.input_size=32", "tasks.colorization.batch_size=2",
+        "tasks.exemplar.image_size=48", "tasks.exemplar.patch_size=32",
+        "tasks.exemplar.batch_size=2", "tasks.motion_segmentation.frame_size=[32,48]",
+        "tasks.motion_segmentation.batch_size=2"])
+    trainer = Trainer(cfg)
+    assert len(trainer.model.trunk.tap_names) == 23 and trainer.model.trunk.out_channels == 1024
+    assert trainer.model.heads["colorization"].conv1.out_channels == 4096
+    before = trainer.model.trunk.block3[0].conv2.weight.detach().clone()
+    state = trainer.train()
+    assert state.step == 1
+    assert not torch.equal(before, trainer.model.trunk.block3[0].conv2.weight)

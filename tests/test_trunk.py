@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from mtssl.models.multitask import MultiTaskNet
+from mtssl.models.resnet_v2 import ResNetV2Trunk
+
+
+@pytest.mark.parametrize("stride", [8, 16])
+def test_taps_shapes_and_strides(stride):
+    trunk = ResNetV2Trunk(depth=26, width=0.125, output_stride=stride)
+    out = trunk(torch.randn(2, 3, 96, 128))
+    assert list(out.taps) == ["block3/unit_1", "block3/unit_2"]
+    for tap in out.taps.values():
+        assert tap.shape == (2, 128, 96 // stride, 128 // stride)
+    assert out.out is out.taps["block3/unit_2"]
+
+
+def test_output_stride_changes_dilation_not_parameters():
+    a = ResNetV2Trunk(depth=26, width=0.125, output_stride=8)
+    b = ResNetV2Trunk(depth=26, width=0.125, output_stride=16)
+    b.load_state_dict(a.state_dict())  # same parameters, only strides become dilations
+    dilations = [m.dilation for m in a.block3.modules() if isinstance(m, torch.nn.Conv2d)
+                 and m.kernel_size == (3, 3)]
+    assert set(dilations) == {(2, 2)}
+
+
+def test_depths_and_paper_size():
+    with torch.device("meta"):
+        for depth, n in [(26, 2), (50, 6), (101, 23), (152, 36)]:
+            assert len(ResNetV2Trunk(depth=depth).tap_names) == n
+        paper = ResNetV2Trunk(depth=101)
+    assert paper.out_channels == 1024
+    millions = sum(p.numel() for p in paper.parameters()) / 1e6
+    assert 25 < millions < 32  # "about 30M" through block 3
+
+
+def test_width_scales_channels():
+    assert ResNetV2Trunk(depth=26, width=0.25).out_channels == 256
+    assert ResNetV2Trunk(depth=26, width=0.25, norm="group").out_channels == 256
+
+
+def fake_batches(n=4):
+    g = torch.Generator().manual_seed(0)
+    return {
+        "relative_position": {"patches": torch.randn(n, 2, 3, 16, 16, generator=g),
+                              "label": torch.arange(n) % 8},
+        "colorization": {"image": torch.randn(n, 3, 32, 32, generator=g),
+                         "ab": 40 * torch.randn(n, 2, 32, 32, generator=g)},
+        "exemplar": {"views": torch.randn(n, 2, 3, 16, 16, generator=g)},
+        "motion_segmentation": {"frame": torch.randn(n, 3, 32, 48, generator=g),
+                                "mask": (torch.rand(n, 1, 32, 48, generator=g) > 0.5).float()},
+    }
+
+
+def test_every_parameter_gets_a_gradient(tiny_config):
+    model = MultiTaskNet.from_config(tiny_config())
+    batches = fake_batches()
+    loss = sum(model(t, batches[t]).loss + model.mix[t].penalty() for t in model.tasks)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_naive_mode_has_no_alpha_and_reads_last_unit(tiny_config):
+    model = MultiTaskNet.from_config(tiny_config("lasso.mode=naive"))
+    assert not [n for n, _ in model.named_parameters() if n.startswith("mix.")]
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model.features("colorization", x), model.trunk(x).out)
+    assert model.alpha_matrix().shape == (4, 2)
