@@ -122,6 +122,52 @@ class OutputConfig:
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
 
 
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Coordinator + per-task worker pools (`mtssl launch`); tasks.<t>.workers sizes each pool."""
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = 4  # async: how many parameter versions a task's gradient may lag
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl where CUDA is available
+    port: int = 29500  # the coordinator's rendezvous port
+    timeout_s: float = 300.0  # a dead or silent peer stops the run after this, never hangs it
+    checkpoint_every_s: float | None = None  # coordinator also checkpoints on this wall clock
+
+    def __post_init__(self):
+        require(self.max_staleness >= 0, "max_staleness", f"must be >= 0, got {self.max_staleness}")
+        require(0 < self.port < 65536, "port", f"must be a TCP port, got {self.port}")
+        require(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
+        require(self.checkpoint_every_s is None or self.checkpoint_every_s > 0,
+                "checkpoint_every_s", f"must be > 0 or null, got {self.checkpoint_every_s}")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Device-hours (GPUs x hours; a CPU process counts as one `cpu` device) for the whole run."""
+    gpu_hours: float | None = None  # stop with a final checkpoint when reached
+
+    def __post_init__(self):
+        require(self.gpu_hours is None or self.gpu_hours > 0, "gpu_hours",
+                f"must be > 0 or null, got {self.gpu_hours}")
+
+
+@dataclass(frozen=True)
+class MilestonesConfig:
+    every_gpu_hours: float | None = None  # named checkpoints for the evaluation curves
+
+    def __post_init__(self):
+        require(self.every_gpu_hours is None or self.every_gpu_hours > 0, "every_gpu_hours",
+                f"must be > 0 or null, got {self.every_gpu_hours}")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int = 0  # Prometheus metrics HTTP port of each process; 0 = not served
+    host: str = "0.0.0.0"
+
+    def __post_init__(self):
+        require(0 <= self.port < 65536, "port", f"must be 0 (off) or a TCP port, got {self.port}")
+
+
 def _tasks_config_cls():
     # Task sections are declared by the task files themselves; this builds the section type.
     from mtssl.tasks import TASKS
@@ -151,6 +197,10 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    milestones: MilestonesConfig = field(default_factory=MilestonesConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self):
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

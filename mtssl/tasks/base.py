@@ -26,9 +26,13 @@ class TaskConfig:
     enabled: bool = True
     weight: float = 1.0  # multiplies the task's loss
     lr: float = 1e-3  # base learning rate of the task's RMSProp
-    batch_size: int = 8
+    batch_size: int = 8  # per step, over all of the task's workers together
+    workers: int = 1  # distributed: processes (pods) computing this task's gradients
 
     def __post_init__(self):
+        require(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        require(self.batch_size % self.workers == 0, "batch_size",
+                f"must split evenly over {self.workers} workers, got {self.batch_size}")
         require(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
