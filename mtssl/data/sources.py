@@ -9,17 +9,25 @@ from mtssl.data.stream import TaskStream
 
 
 def image_source(cfg: DataConfig):
+    """'embedded', a dataset written by `mtssl prep` (path or s3:// URI), or a folder of images."""
+    from mtssl.data.shards import ShardImages, is_prepared
     if cfg.images == "embedded":
         from mtssl.data.embedded import embedded_photos
         return embedded_photos()
+    if is_prepared(cfg.images):
+        return ShardImages(cfg.images)
     from mtssl.data.images import FolderImages
     return FolderImages(cfg.images)
 
 
 def frame_source(cfg: DataConfig):
+    """'embedded', a dataset written by `mtssl prep`, or a folder of frames with masks."""
+    from mtssl.data.shards import ShardFrames, is_prepared
     if cfg.frames == "embedded":
         from mtssl.data.embedded import synthetic_motion_clips
         return synthetic_motion_clips()[0]
+    if is_prepared(cfg.frames):
+        return ShardFrames(cfg.frames)
     from mtssl.data.images import FramesWithMasks
     return FramesWithMasks.from_folder(cfg.frames)
 

@@ -1,0 +1,162 @@
+"""The mtssl Kubeflow pipeline (KFP v2): dataset prep -> training (launched and followed) ->
+evaluation of every milestone checkpoint on ImageNet-style, PASCAL VOC and NYU depth suites ->
+a report published as KFP metrics, HTML and Markdown.
+
+Every component runs in the mtssl image (Dockerfile) and calls one function of
+mtssl.k8s.stages; compile with `python pipelines/compile.py`, run locally with
+`python pipelines/run_local.py` (see pipelines/README.md).
+"""
+
+import os
+from typing import List, NamedTuple
+
+from kfp import dsl, kubernetes
+
+# The image is fixed at compile time (KFP has no image parameter): MTSSL_IMAGE=... to retag.
+IMAGE = os.environ.get("MTSSL_IMAGE", "mtssl:0.1.0")
+# GPUs per evaluation pod, also fixed at compile time (kfp.local cannot resolve resource
+# settings given as pipeline parameters): MTSSL_EVAL_GPUS=0 for a cluster without GPUs.
+EVAL_GPUS = int(os.environ.get("MTSSL_EVAL_GPUS", "1"))
+S3_SECRET = "mtssl-s3"
+S3_REQUIRED = {"endpoint": "MTSSL_S3_ENDPOINT", "access-key": "MTSSL_S3_ACCESS_KEY",
+               "secret-key": "MTSSL_S3_SECRET_KEY"}
+S3_OPTIONAL = {"secure": "MTSSL_S3_SECURE", "region": "MTSSL_S3_REGION"}
+ALL_TASKS = ["relative_position", "colorization", "exemplar", "motion_segmentation"]
+# kfp is installed in the image (the `pipeline` extra); no pip install at run time.
+component = dsl.component(base_image=IMAGE, install_kfp_package=False)
+
+
+@component
+def prepare_data(data: str, prepared: str) -> NamedTuple("Data", images=str, frames=str):
+    from mtssl.k8s.stages import prepare
+    images, frames = prepare(data=data, prepared=prepared)
+    return NamedTuple("Data", images=str, frames=str)(images, frames)
+
+
+@component
+def train(config: str, overrides: List[str], images: str, frames: str, tasks: List[str],
+          budget_gpu_hours: float, storage: str, launcher: str, profile: str, run: str,
+          random_baseline: bool, summary: dsl.Output[dsl.Metrics]
+          ) -> NamedTuple("Trained", items=List[dict], storage=str):
+    """Launch the run and wait for it; returns what to evaluate (milestones, random init)
+    and where the run's checkpoints are."""
+    from mtssl.k8s import stages
+    overrides = list(overrides) + stages.training_overrides(
+        images=images, frames=frames, tasks=tasks, budget_gpu_hours=budget_gpu_hours,
+        storage=storage)
+    stages.run_mtssl(stages.launch_args(launcher=launcher, config=config, overrides=overrides,
+                                        profile=profile, run=run))
+    cfg = stages.run_config(launcher=launcher, config=config, overrides=overrides,
+                            profile=profile)
+    for name, value in stages.training_summary(cfg).items():
+        summary.log_metric(name, value)
+    return NamedTuple("Trained", items=List[dict], storage=str)(
+        stages.plan_items(cfg, random_baseline=random_baseline), cfg.storage_uri)
+
+
+@component
+def plan(items: List[dict], eval_sets: List[str], imagenet_data: str, pascal_data: str,
+         nyu_data: str) -> List[dict]:
+    """One evaluation per chosen suite and checkpoint (each item names its suite and data)."""
+    from mtssl.k8s.stages import plan_evaluations
+    return plan_evaluations(items, eval_sets, {"imagenet": imagenet_data,
+                                               "pascal": pascal_data, "nyu": nyu_data})
+
+
+@component
+def evaluate(item: dict, settings: str, results: dsl.Output[dsl.Artifact],
+             metrics: dsl.Output[dsl.Metrics]):
+    """One suite on one checkpoint: linear probe (imagenet: top-1/top-5), Faster R-CNN C4
+    (pascal: mAP) or the depth decoder (nyu: delta < 1.25, ...); `results` is an
+    `mtssl report` results folder the report stage reuses."""
+    from mtssl.k8s.stages import evaluate as run
+    for key, value in run(item=item, settings=settings, out_dir=results.path).items():
+        metrics.log_metric(f"{item['suite']}/{item['milestone']}/{key}", value)
+
+
+@component
+def report(storage: str, eval_sets: List[str], imagenet_data: str, pascal_data: str,
+           nyu_data: str, settings: str, random_baseline: bool,
+           results: List[dsl.Artifact], summary: dsl.Input[dsl.Metrics],
+           metrics: dsl.Output[dsl.Metrics], page: dsl.Output[dsl.HTML],
+           markdown: dsl.Output[dsl.Markdown]):
+    """The run's transfer report: metrics per suite and checkpoint, plots vs GPU-hours."""
+    from pathlib import Path
+
+    from mtssl.k8s import stages
+    data = {"imagenet": imagenet_data, "pascal": pascal_data, "nyu": nyu_data}
+    out = Path(page.path).parent / "report"
+    index = stages.report(storage=storage, suites={s: data[s] for s in eval_sets},
+                          settings=settings, out_dir=str(out), random_baseline=random_baseline,
+                          results_dirs=[a.path for a in results])
+    values = stages.result_metrics(str(out))
+    for key, value in values.items():
+        metrics.log_metric(key, value)
+    Path(page.path).write_text(stages.inline_images(index.read_text(), out) if index
+                               else "<p>No evaluation suites were chosen.</p>")
+    Path(markdown.path).write_text(stages.markdown_summary(summary.metadata, values))
+
+
+def _s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_REQUIRED)
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_OPTIONAL,
+                                 optional=True)
+    return task
+
+
+def _resources(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
+    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+    if EVAL_GPUS:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(EVAL_GPUS)
+        kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists",
+                                  effect="NoSchedule")
+    return _s3(task)
+
+
+@dsl.pipeline(name="mtssl", description="Multi-task self-supervised pre-training (Doersch & "
+              "Zisserman 2017) and its transfer evaluation against GPU-hours.")
+def mtssl_pipeline(
+        config: str = "quickstart",
+        overrides: List[str] = [],
+        data: str = "embedded",
+        prepared: str = "s3://mtssl/prepared/default",
+        tasks: List[str] = ALL_TASKS,
+        budget_gpu_hours: float = 0.0,
+        storage: str = "",
+        launcher: str = "k8s",
+        profile: str = "cpu-small",
+        run: str = "",
+        eval_sets: List[str] = ["imagenet", "pascal", "nyu"],
+        imagenet_data: str = "/data/imagenet",
+        pascal_data: str = "/data/VOCdevkit/VOC2007",
+        nyu_data: str = "/data/nyu",
+        eval_settings: str = "smoke",
+        random_baseline: bool = True):
+    """config: built-in name or YAML path in the image; overrides: extra `--set` values;
+    data: 'embedded' or a folder/URI to prepare into `prepared`; budget_gpu_hours: 0 keeps
+    the config's; storage: '' keeps the config's (on Kubernetes the profile's
+    s3://mtssl/runs/{name}); launcher: k8s (a cluster) or local (kfp.local runs only)."""
+    prep = _s3(prepare_data(data=data, prepared=prepared))
+    prep.set_cpu_request("2").set_memory_request("4Gi").set_memory_limit("8Gi")
+
+    trained = _s3(train(config=config, overrides=overrides, images=prep.outputs["images"],
+                        frames=prep.outputs["frames"], tasks=tasks,
+                        budget_gpu_hours=budget_gpu_hours, storage=storage, launcher=launcher,
+                        profile=profile, run=run, random_baseline=random_baseline))
+    # The launcher only talks to the API server; the run's own pods do the training.
+    trained.set_cpu_request("500m").set_memory_request("1Gi").set_memory_limit("2Gi")
+    trained.set_caching_options(False)  # always follow the run: it may have been resumed
+    kubernetes.set_timeout(trained, 30 * 24 * 3600)
+
+    planned = plan(items=trained.outputs["items"], eval_sets=eval_sets,
+                   imagenet_data=imagenet_data, pascal_data=pascal_data, nyu_data=nyu_data)
+    # One task definition for all suites, sized for the largest (PASCAL fine-tuning).
+    with dsl.ParallelFor(planned.output, parallelism=4) as item:
+        evaluated = _resources(evaluate(item=item, settings=eval_settings), "8", "32Gi")
+
+    published = _s3(report(storage=trained.outputs["storage"], eval_sets=eval_sets,
+                           imagenet_data=imagenet_data, pascal_data=pascal_data,
+                           nyu_data=nyu_data, settings=eval_settings,
+                           random_baseline=random_baseline, summary=trained.outputs["summary"],
+                           results=dsl.Collected(evaluated.outputs["results"])))
+    published.set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("16Gi")

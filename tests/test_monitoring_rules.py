@@ -1,0 +1,181 @@
+"""Prometheus alert rules (promtool check + unit tests) and the Grafana dashboard (valid JSON,
+queries that parse, only metric names the code exports)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROM = ROOT / "monitoring" / "prometheus"
+RULES = PROM / "mtssl-rules.yaml"
+RULE_TESTS = PROM / "mtssl-rules.test.yaml"
+DASHBOARD = ROOT / "monitoring" / "grafana" / "mtssl-training.json"
+# Metrics the dashboard may read that other exporters provide, with their source.
+EXTERNAL_METRICS = {"kube_pod_container_status_restarts_total": "kube-state-metrics"}
+# Grafana substitutes these before a query reaches Prometheus.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$namespace": ".*", "$run": "quickstart"}
+
+
+def promtool(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess:
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool not installed (Debian package 'prometheus'; .ci/install-services)")
+    return subprocess.run(["promtool", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+# --- alert rules ----------------------------------------------------------------------------
+
+def test_promtool_check_rules():
+    out = promtool("check", "rules", RULES.name)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS: 5 rules found" in out.stdout
+
+
+def test_promtool_unit_tests_pass():
+    out = promtool("test", "rules", RULE_TESTS.name)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout
+
+
+def test_rules_cover_both_budget_thresholds_and_stalls():
+    rules = {r.get("alert") or r.get("record"): r
+             for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    assert ">= 0.8" in rules["MtsslGpuBudget80Percent"]["expr"]
+    assert ">= 1" in rules["MtsslGpuBudgetExhausted"]["expr"]
+    assert "mtssl_last_step_timestamp_seconds" in rules["MtsslTrainingStalled"]["expr"]
+
+
+@pytest.mark.parametrize("old,new", [
+    ("mtssl:gpu_budget_used:ratio >= 0.8", "mtssl:gpu_budget_used:ratio >= 0.7"),
+    ("mtssl:gpu_budget_used:ratio >= 1\n", "mtssl:gpu_budget_used:ratio > 1\n"),
+    ("> 900", "> 1800"),
+    ("for: 5m", "for: 1m"),
+    ("unless on (namespace, run) (mtssl:gpu_budget_used:ratio >= 1)", ""),
+])
+def test_unit_tests_fail_when_a_rule_is_broken(tmp_path, old, new):
+    text = RULES.read_text()
+    assert old in text
+    (tmp_path / RULES.name).write_text(text.replace(old, new))
+    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+    out = promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
+    assert out.returncode != 0, f"unit tests still pass with {old!r} -> {new!r}"
+
+
+# --- dashboard ------------------------------------------------------------------------------
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def queries(dash: dict) -> list[tuple[str, str]]:
+    """(panel title, PromQL as Grafana sends it) of every panel target and query variable."""
+    out = []
+    for panel in dash["panels"]:
+        out += [(panel["title"], t["expr"]) for t in panel["targets"]]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            m = re.fullmatch(r"label_values\((.+),\s*\w+\)", var["query"]["query"])
+            out.append((f"variable {var['name']}", m.group(1)))
+    return out
+
+
+def substitute(expr: str) -> str:
+    for var, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(var, value)
+    assert "$" not in expr, f"unknown Grafana variable in {expr}"
+    return expr
+
+
+def test_dashboard_is_well_formed():
+    dash = dashboard()
+    assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 36
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    assert {"datasource", "namespace", "run"} <= variables
+    cells = set()
+    for p in dash["panels"]:
+        assert p["type"] in {"timeseries", "gauge", "stat", "table", "bargauge"}
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"])
+                for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & mine, f"panel {p['title']!r} overlaps another"
+        cells |= mine
+        refs = [t["refId"] for t in p["targets"]]
+        assert refs and len(refs) == len(set(refs))
+
+
+def test_dashboard_shows_what_the_issue_asks_for():
+    text = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in dashboard()["panels"]}
+    wanted = {"GPU-hours per task vs budget": ("mtssl_gpu_hours_total", "mtssl_budget_gpu_hours"),
+              "Loss per task": ("mtssl_task_loss",),
+              "Throughput (samples/s per task)": ("mtssl_samples_total",),
+              "Staleness (async, steps behind)": ("mtssl_staleness_steps",),
+              "Pod restarts": ("kube_pod_container_status_restarts_total",)}
+    for title, names in wanted.items():
+        assert all(n in text[title] for n in names), title
+
+
+def test_dashboard_queries_parse_with_promtool(tmp_path):
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{i}", "expr": substitute(expr)}
+        for i, (_, expr) in enumerate(queries(dashboard()))]}]}
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(rules))
+    out = promtool("check", "rules", "q.yaml", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # and promtool does reject a broken query, so the check above means something
+    rules["groups"][0]["rules"][0]["expr"] = "sum by (task (mtssl_task_loss)"
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(rules))
+    assert promtool("check", "rules", "q.yaml", cwd=tmp_path).returncode != 0
+
+
+def metric_names(expr: str) -> set[str]:
+    promql = pytest.importorskip("promql_parser", reason="pip install promql-parser")
+    names, stack = set(), [promql.parse(substitute(expr))]
+    while stack:
+        node = stack.pop()
+        if type(node).__name__ == "VectorSelector":
+            names.add(node.name)
+        for attr in ("expr", "lhs", "rhs", "args", "param", "vector_selector"):
+            child = getattr(node, attr, None)
+            if isinstance(child, list):
+                stack += child
+            elif child is not None and not isinstance(child, (str, int, float)):
+                stack.append(child)
+    return names
+
+
+def test_metric_name_extraction_finds_nested_selectors():
+    assert metric_names('histogram_quantile(0.9, sum by (le) (rate(a_bucket[5m]))) '
+                        '/ on(run) max(b{run="$run"}) + time() - c') == {"a_bucket", "b", "c"}
+
+
+def exported_names() -> set[str]:
+    """Sample names of every family mtssl.metrics registers (the exposition's names)."""
+    metrics = pytest.importorskip("mtssl.metrics", reason="mtssl.metrics (issue 4) not present")
+    m = metrics.Metrics(run="r", role="coordinator", device_type="cpu")
+    names = set()
+    for family in m.registry.collect():
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                    "gauge": ("",)}[family.type]
+        names |= {family.name + s for s in suffixes}
+    return names
+
+
+def test_dashboard_and_rules_use_only_exported_metric_names():
+    used = {n for _, expr in queries(dashboard()) for n in metric_names(expr)}
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    rule_exprs = [r["expr"] for g in groups for r in g["rules"]]
+    recorded = {r["record"] for g in groups for r in g["rules"] if "record" in r}
+    used |= {n for e in rule_exprs for n in metric_names(e)} - recorded
+    unknown = used - exported_names() - set(EXTERNAL_METRICS)
+    assert not unknown, f"not exported by mtssl.metrics: {sorted(unknown)}"
