@@ -95,8 +95,12 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    images: str = "embedded"  # folder of images, or 'embedded' (real photos bundled in scikit-image)
-    frames: str = "embedded"  # folder of frames with masks, or 'embedded' (synthetic clips)
+    # 'embedded' (real photos bundled in scikit-image), a folder of images, or a dataset written
+    # by `mtssl prep` (path or s3:// URI)
+    images: str = "embedded"
+    # 'embedded' (synthetic clips from those photos), a folder of frames with masks beside them,
+    # or a dataset written by `mtssl prep`
+    frames: str = "embedded"
     num_workers: int = 0
     image_cache: int = 256  # decoded images kept per loader process (0 = off)
 

@@ -15,6 +15,7 @@ S3 connection settings come from the environment (read only by :func:`s3_config_
 from __future__ import annotations
 
 import abc
+import hashlib
 import io
 import logging
 import os
@@ -33,6 +34,7 @@ _TMP_MARK = ".mtssl-tmp-"
 _MIB = 1024 * 1024
 # S3 refuses multipart parts below 5 MiB (except the last one).
 _MIN_PART_SIZE = 5 * _MIB
+_HASH_CHUNK = 4 * _MIB
 _THROTTLE_CODES = frozenset(
     {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "InternalError",
      "ServiceUnavailable", "RequestTimeout", "OperationAborted"}
@@ -67,6 +69,14 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def get_bytes(self, key: str) -> bytes:
         """Raise NotFound if absent, StorageError on other failures."""
+
+    @abc.abstractmethod
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of an object (fewer if it is shorter)."""
+
+    @abc.abstractmethod
+    def sha256(self, key: str) -> tuple[str, int]:
+        """(sha256 hex, size) of an object, streamed rather than read into memory."""
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -148,6 +158,29 @@ class LocalStorage(Storage):
             raise NotFound(f"no such object: {self.uri(key)}") from None
         except OSError as exc:
             raise StorageError(f"cannot read {self.uri(key)}: {exc}") from exc
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        except FileNotFoundError:
+            raise NotFound(f"no such object: {self.uri(key)}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.uri(key)}: {exc}") from exc
+
+    def sha256(self, key: str) -> tuple[str, int]:
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(self._path(key), "rb") as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            raise NotFound(f"no such object: {self.uri(key)}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.uri(key)}: {exc}") from exc
+        return digest.hexdigest(), size
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -371,6 +404,36 @@ class S3Storage(Storage):
                 response.release_conn()
 
         return self._call("get", self.uri(key), get)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        name = self._full(key)
+
+        def get() -> bytes:
+            response = self._client.get_object(self.bucket, name, offset=offset, length=length)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call("get", self.uri(key), get)
+
+    def sha256(self, key: str) -> tuple[str, int]:
+        name = self._full(key)
+
+        def stream() -> tuple[str, int]:
+            digest, size = hashlib.sha256(), 0
+            response = self._client.get_object(self.bucket, name)
+            try:
+                for chunk in response.stream(_HASH_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+            return digest.hexdigest(), size
+
+        return self._call("get", self.uri(key), stream)
 
     def exists(self, key: str) -> bool:
         name = self._full(key)

@@ -37,7 +37,7 @@ class BadImage(Exception):
         return type(self), (self.reason, self.name, self.detail)
 
 
-def _os_reason(err: OSError) -> str:
+def os_error_reason(err: OSError) -> str:
     return ("missing" if isinstance(err, FileNotFoundError) else "permission_denied"
             if isinstance(err, PermissionError) else "unreadable")
 
@@ -50,7 +50,7 @@ def _open_stream(source, label: str):
     try:
         f = open(source, "rb")
     except OSError as e:
-        raise BadImage(_os_reason(e), label, f"cannot open file: {e.strerror or e}") from e
+        raise BadImage(os_error_reason(e), label, f"cannot open file: {e.strerror or e}") from e
     if os.fstat(f.fileno()).st_size == 0:
         f.close()
         raise BadImage("empty_file", label, "zero-byte file")
@@ -249,7 +249,7 @@ def list_images(root: str | os.PathLike) -> tuple[list[Path], list[tuple[str, st
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            problems.append((str(folder), _os_reason(e)))
+            problems.append((str(folder), os_error_reason(e)))
             continue
         subdirs = []
         for e in entries:
@@ -262,7 +262,7 @@ def list_images(root: str | os.PathLike) -> tuple[list[Path], list[tuple[str, st
                     elif e.is_symlink():
                         problems.append((e.path, "broken_link"))
             except OSError as err:
-                problems.append((e.path, _os_reason(err)))
+                problems.append((e.path, os_error_reason(err)))
         stack.extend(reversed(subdirs))  # depth-first in name order: deterministic
     return sorted(found), sorted(problems)
 

@@ -14,86 +14,34 @@ process reopens storage (S3 settings from the MTSSL_S3_* environment) when it fi
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 from urllib.parse import urlparse
 
 import numpy as np
 
 from mtssl.data.images import BadImage, FramesWithMasks, ImageSource, load_mask, load_rgb
-from mtssl.storage import LocalStorage, NotFound, Storage, StorageError, open_storage
+from mtssl.storage import NotFound, Storage, StorageError, open_storage
 
 MANIFEST = "manifest.json"
 DATASET_FORMAT = "mtssl-prepared"
 INDEX_FORMAT = "mtssl-shard-index"
 VERSION = 1
 STREAMS = {"images": ("jpg",), "frames": ("jpg", "mask.png")}  # members a source reads
-_CHUNK = 8 * 1024 * 1024
 
 
 class PreparedDatasetError(ValueError):
     """Not a prepared dataset, or one whose files disagree with its manifest."""
 
 
-# --- byte access (Storage has whole-object reads only; shards need ranges) -------------------
-# These reach into LocalStorage/S3Storage internals; a public Storage.get_range would replace them.
+# --- byte access ------------------------------------------------------------------------------
 
 def read_range(storage: Storage, key: str, offset: int, length: int) -> bytes:
     """Bytes [offset, offset + length) of an object; StorageError if it is shorter."""
-    if isinstance(storage, LocalStorage):
-        try:
-            with open(storage._path(key), "rb") as f:
-                f.seek(offset)
-                data = f.read(length)
-        except FileNotFoundError:
-            raise NotFound(f"no such object: {storage.uri(key)}") from None
-        except OSError as exc:
-            raise StorageError(f"cannot read {storage.uri(key)}: {exc}") from exc
-    else:
-        name = storage._full(key)
-
-        def get() -> bytes:
-            resp = storage._client.get_object(storage.bucket, name, offset=offset, length=length)
-            try:
-                return resp.read()
-            finally:
-                resp.close()
-                resp.release_conn()
-
-        data = storage._call("get", storage.uri(key), get)
+    data = storage.get_range(key, offset, length)
     if len(data) != length:
         raise StorageError(f"{storage.uri(key)}: wanted {length} bytes at {offset}, "
                            f"got {len(data)} (object truncated?)")
     return data
-
-
-def sha256_object(storage: Storage, key: str) -> tuple[str, int]:
-    """(sha256 hex, size) of a stored object, streamed in chunks."""
-    digest, size = hashlib.sha256(), 0
-    if isinstance(storage, LocalStorage):
-        try:
-            with open(storage._path(key), "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-        except FileNotFoundError:
-            raise NotFound(f"no such object: {storage.uri(key)}") from None
-        return digest.hexdigest(), size
-    name = storage._full(key)
-
-    def stream() -> tuple[str, int]:
-        d, n = hashlib.sha256(), 0
-        resp = storage._client.get_object(storage.bucket, name)
-        try:
-            for chunk in resp.stream(_CHUNK):
-                d.update(chunk)
-                n += len(chunk)
-        finally:
-            resp.close()
-            resp.release_conn()
-        return d.hexdigest(), n
-
-    return storage._call("get", storage.uri(key), stream)
 
 
 # --- manifest --------------------------------------------------------------------------------

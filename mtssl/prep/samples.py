@@ -13,7 +13,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from mtssl.data.images import BadImage, _os_reason, is_grayscale, load_rgb
+from mtssl.data.images import BadImage, os_error_reason, is_grayscale, load_rgb
 from mtssl.prep.options import PrepConfig
 from mtssl.prep.shards import ItemResult, Sample
 from mtssl.prep.walk import Item
@@ -85,7 +85,7 @@ def read_bytes(item: Item) -> bytes:
     try:
         return item.path.read_bytes()
     except OSError as err:
-        raise BadImage(_os_reason(err), item.rel, f"cannot read: {err.strerror or err}") from err
+        raise BadImage(os_error_reason(err), item.rel, f"cannot read: {err.strerror or err}") from err
 
 
 def prepare_image(item: Item, cfg: PrepConfig) -> ItemResult:

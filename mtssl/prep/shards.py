@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtssl.data.shards import INDEX_FORMAT, VERSION, parse_index, sha256_object
+from mtssl.data.shards import INDEX_FORMAT, VERSION, parse_index
 from mtssl.storage import Storage
 
 log = logging.getLogger("mtssl.prep")
@@ -203,7 +203,7 @@ def completed_shards(storage: Storage, stream: str, fingerprint: str) -> list[Co
                             f"(fingerprint {index.get('fingerprint')}, now {fingerprint}); "
                             "prepare into a new output or pass --overwrite")
         first = done[-1].entry["items"][1] if done else 0
-        sha, size = (sha256_object(storage, tar_key) if tar_key in present else (None, None))
+        sha, size = (storage.sha256(tar_key) if tar_key in present else (None, None))
         if index["items"]["first"] != first or sha != index["sha256"] or size != index["bytes"]:
             log.warning("%s: %s; it and later shards are redone", storage.uri(tar_key),
                         "missing" if sha is None else "checksum mismatch" if sha != index["sha256"]

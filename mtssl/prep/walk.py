@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from mtssl.data.images import IMAGE_EXTENSIONS, _os_reason
+from mtssl.data.images import IMAGE_EXTENSIONS, os_error_reason
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".avi", ".webm", ".mov", ".mkv"})
 _DIGITS = re.compile(r"\d+")
@@ -55,7 +55,7 @@ class _Listing:
             with os.scandir(folder) as it:
                 raw = sorted(it, key=lambda e: e.name)
         except OSError as err:
-            report.problems.append((rel or ".", _os_reason(err), f"cannot list folder: {err}"))
+            report.problems.append((rel or ".", os_error_reason(err), f"cannot list folder: {err}"))
             return
         for e in raw:
             child = f"{rel}/{e.name}" if rel else e.name
@@ -69,7 +69,7 @@ class _Listing:
                 elif e.is_symlink():
                     report.problems.append((child, "broken_link", "symbolic link to nothing"))
             except OSError as err:
-                report.problems.append((child, _os_reason(err), str(err)))
+                report.problems.append((child, os_error_reason(err), str(err)))
 
 
 def walk(root: str | os.PathLike, *, exclude: tuple[str, ...] = (), frame_pattern: str = r"\d+",
@@ -88,7 +88,7 @@ def walk(root: str | os.PathLike, *, exclude: tuple[str, ...] = (), frame_patter
         try:
             st = folder.stat()
         except OSError as err:
-            report.problems.append((rel or ".", _os_reason(err), str(err)))
+            report.problems.append((rel or ".", os_error_reason(err), str(err)))
             return
         if (st.st_dev, st.st_ino) in seen:
             return

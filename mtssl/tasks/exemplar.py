@@ -20,7 +20,7 @@ from torch import Tensor
 from mtssl.validation import require
 from mtssl.data.transforms import network_input, resize, to_tensor
 from mtssl.models.heads import patch_tower
-from mtssl.tasks.base import Features, SkipSample, TaskConfig, TaskDef, TaskHead, TaskOutput, TrunkInfo
+from mtssl.tasks.base import Features, SkipSample, TaskConfig, TaskDef, TaskHead, TaskOutput
 
 
 @dataclass(frozen=True)
