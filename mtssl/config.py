@@ -131,7 +131,9 @@ class DistributedConfig:
     """Coordinator + per-task worker pools (`mtssl launch`); tasks.<t>.workers sizes each pool."""
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = 4  # async: how many parameter versions a task's gradient may lag
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl where CUDA is available
+    # gloo only: the coordinator keeps the canonical parameters in host memory and serves the
+    # task groups concurrently from threads, which NCCL does not support (workers still use GPUs)
+    backend: Literal["gloo"] = "gloo"
     port: int = 29500  # the coordinator's rendezvous port
     timeout_s: float = 300.0  # a dead or silent peer stops the run after this, never hangs it
     checkpoint_every_s: float | None = None  # coordinator also checkpoints on this wall clock

@@ -12,10 +12,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mtssl.accounting import SHARED, DeviceClock, budget_check, device_type
 from mtssl.checkpoint import CheckpointStore
 from mtssl.config import Config, from_dict, save_config, to_dict
 from mtssl.data.sources import TaskData
 from mtssl.data.stream import loader
+from mtssl.distributed.env import metrics_port, run_name
+from mtssl.metrics import Metrics
 from mtssl.models.multitask import MultiTaskNet
 from mtssl.optim import PerTaskRMSProp
 from mtssl.schedules import lr_scale
@@ -24,7 +27,8 @@ from mtssl.tasks import TASKS
 
 log = logging.getLogger("mtssl.train")
 
-# Sections that define the model and its optimisation: a resumed run must not change them.
+# Sections that define the model and its optimisation: a resumed run must not change them,
+# except how many distributed workers share each task's batches.
 FROZEN_ON_RESUME = ("seed", "trunk", "tasks", "lasso", "harmonization", "optimizer")
 CALIBRATION_STREAM = 1000  # stream ids for calibration/evaluation draws, apart from training's
 
@@ -51,8 +55,12 @@ def to_device(batch: dict, device: torch.device) -> dict[str, Tensor]:
 def task_gradients(model: MultiTaskNet, task: str, batch: dict[str, Tensor], *, cfg: Config,
                    params: dict[str, torch.nn.Parameter], names: list[str], step: int
                    ) -> tuple[dict[str, Tensor], float, dict[str, float]]:
-    """One task's weighted loss (+ lasso L1) and its gradients for the parameters it owns."""
-    torch.manual_seed(task_seed(cfg.seed, step, model.tasks.index(task)))
+    """One task's weighted loss (+ lasso L1) and its gradients for the parameters it owns.
+
+    `model` may hold only some of the config's tasks (a distributed worker's): the seed uses the
+    task's place among the config's enabled tasks, so every process draws the same numbers.
+    """
+    torch.manual_seed(task_seed(cfg.seed, step, cfg.enabled_tasks().index(task)))
     out = model(task, batch)
     loss = getattr(cfg.tasks, task).weight * out.loss
     penalty = model.mix[task].penalty()
@@ -72,15 +80,31 @@ class RunState:
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> {item: reason}
     samples: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
+    positions: dict[str, int] = field(default_factory=dict)  # task -> next batch of its stream
+    device_seconds: dict[str, float] = field(default_factory=dict)  # task or SHARED -> seconds
+
+    @property
+    def device_total_s(self) -> float:
+        return sum(self.device_seconds.values())
 
 
-class Trainer:
-    def __init__(self, cfg: Config, *, resume: bool = False):
+class TrainingRun:
+    """The canonical model, per-task optimizer, run state, checkpoints, accounting and metrics.
+
+    The single-process Trainer and the distributed coordinator both hold one; the checkpoint
+    layout is the same, so either resumes (and evaluation reads) the other's checkpoints.
+    """
+    role = "trainer"
+
+    def __init__(self, cfg: Config, *, resume: bool = False, device: torch.device | None = None):
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = device or resolve_device(cfg.device)
         self.run_dir = cfg.run_dir
         self.store = CheckpointStore(open_storage(cfg.storage_uri), keep_last=cfg.output.keep_last)
-        self.model = MultiTaskNet.from_config(cfg).to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            # The initial weights are a function of the config's seed: runs and roles agree.
+            torch.manual_seed(cfg.seed)
+            self.model = MultiTaskNet.from_config(cfg).to(self.device)
         self.params = dict(self.model.named_parameters())
         self.owners = self.model.owned_names()
         self.opt = PerTaskRMSProp(
@@ -89,18 +113,23 @@ class Trainer:
             decay=cfg.optimizer.decay, eps=cfg.optimizer.eps, momentum=cfg.optimizer.momentum,
             weight_decay=cfg.optimizer.weight_decay)
         self.state = RunState(skipped={t: {} for t in self.model.tasks},
-                              samples={t: 0 for t in self.model.tasks})
+                              samples={t: 0 for t in self.model.tasks},
+                              positions={t: 0 for t in self.model.tasks})
+        self.metrics = Metrics(run=run_name(cfg), role=self.role,
+                               device_type=device_type(self.device.type))
         self.data = TaskData(cfg)
         self.resumed = resume and self._restore()
         if not self.resumed:
             self._calibrate()
+        self.budget_checked_s = self.state.device_total_s  # total at the last milestone check
 
     # --- state -----------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
         return {"step": self.state.step, "config": to_dict(self.cfg),
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "skipped": self.state.skipped, "samples": self.state.samples,
-                "wall_s": self.state.wall_s}
+                "wall_s": self.state.wall_s, "positions": self.state.positions,
+                "device_seconds": self.state.device_seconds}
 
     def _restore(self) -> bool:
         found = self.store.load_latest()
@@ -111,8 +140,12 @@ class Trainer:
         check_resumable(from_dict(ckpt["config"]), self.cfg)
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
-        self.state = RunState(step=int(ckpt["step"]), skipped=ckpt["skipped"],
-                              samples=ckpt["samples"], wall_s=float(ckpt["wall_s"]))
+        step = int(ckpt["step"])
+        # Checkpoints from before data positions were kept: every stream was at `step`.
+        positions = ckpt.get("positions") or {t: step for t in self.model.tasks}
+        self.state = RunState(step=step, skipped=ckpt["skipped"], samples=ckpt["samples"],
+                              wall_s=float(ckpt["wall_s"]), positions=dict(positions),
+                              device_seconds=dict(ckpt.get("device_seconds") or {}))
         log.info("resumed from step %d (%s)", step, self.cfg.storage_uri)
         return True
 
@@ -124,31 +157,91 @@ class Trainer:
                 self.model.heads[task].calibrate(
                     to_device(b, self.device) for b in loader(stream, num_workers=0))
 
-    def save(self) -> None:
-        self.store.save(self.checkpoint_state(), step=self.state.step)
+    def save(self, *, milestone: str | None = None) -> None:
+        self.store.save(self.checkpoint_state(), step=self.state.step, milestone=milestone)
+
+    # --- accounting and metrics ------------------------------------------------------------
+    def serve_metrics(self) -> None:
+        if self.metrics.server is None:
+            port = self.metrics.serve(port=metrics_port(self.cfg), host=self.cfg.metrics.host)
+            if port:
+                log.info("serving Prometheus metrics on port %d", port)
+
+    def account(self, task: str, seconds: float, *, own: bool = True) -> None:
+        """Add device-seconds to the run's totals; `own`: this process's (also a metric)."""
+        self.state.device_seconds[task] = self.state.device_seconds.get(task, 0.0) + seconds
+        if own:
+            self.metrics.device_seconds(task, seconds)
+
+    def budget_exhausted(self) -> bool:
+        budget = self.cfg.budget.gpu_hours
+        return budget is not None and self.state.device_total_s / 3600 >= budget
+
+    def check_budget(self) -> bool:
+        """Save the milestone checkpoints passed since the last check; True if out of budget."""
+        before_s, after_s = self.budget_checked_s, self.state.device_total_s
+        self.budget_checked_s = after_s
+        names, exhausted = budget_check(before_s, after_s, budget_hours=self.cfg.budget.gpu_hours,
+                                        every_hours=self.cfg.milestones.every_gpu_hours)
+        for name in names:
+            self.save(milestone=name)
+            log.info("milestone checkpoint %s at step %d", name, self.state.step)
+        self.publish_totals()
+        return exhausted
+
+    def publish_totals(self) -> None:
+        for task, seconds in self.state.device_seconds.items():
+            self.metrics.gpu_hours(task, seconds / 3600)
+        self.metrics.budget(budget_hours=self.cfg.budget.gpu_hours,
+                            used_hours=self.state.device_total_s / 3600)
+
+    def publish_alpha(self) -> None:
+        for task in self.model.tasks:
+            self.metrics.alpha(task, self.model.mix[task].alpha)
+
+    def open_log(self) -> Path:
+        """The run's metrics.jsonl, cut back to the current step (resume), config saved beside."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        path = self.run_dir / "metrics.jsonl"
+        truncate_log(path, self.state.step)
+        return path
+
+    def scale_now(self) -> float:
+        sched = self.cfg.schedule
+        return lr_scale(self.state.step, max_steps=sched.max_steps,
+                        warmup_steps=sched.warmup_steps, decay=sched.decay,
+                        min_ratio=sched.min_lr_ratio)
+
+
+class Trainer(TrainingRun):
+    """All enabled tasks in this process: one batch per task per step."""
 
     # --- loop ------------------------------------------------------------------------------
     def train(self, *, stop_at: int | None = None) -> RunState:
-        """Train to schedule.max_steps (or `stop_at`, an interruption point), then checkpoint."""
+        """Train to schedule.max_steps (or `stop_at`, an interruption point), then checkpoint.
+
+        Also stops (with a checkpoint) at schedule.time_budget_s or budget.gpu_hours.
+        """
         cfg, sched = self.cfg, self.cfg.schedule
         last = min(sched.max_steps, stop_at or sched.max_steps)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
-        metrics_path = self.run_dir / "metrics.jsonl"
-        truncate_log(metrics_path, self.state.step)
-        its = {t: iter(loader(self.data.stream(t, start_batch=self.state.step),
+        metrics_path = self.open_log()
+        self.serve_metrics()
+        its = {t: iter(loader(self.data.stream(t, start_batch=self.state.positions[t]),
                               num_workers=cfg.data.num_workers)) for t in self.model.tasks}
         self.model.train()
         bar = progress(cfg, self.state.step)
         window, t_window, t0 = Accumulator(), time.perf_counter(), time.perf_counter()
         wall_at_start = self.state.wall_s
+        clock = DeviceClock()
         stop_reason = "max_steps" if last == sched.max_steps else "stop_at"
+        if self.budget_exhausted():
+            last, stop_reason = self.state.step, "gpu_budget"
         while self.state.step < last:
-            step, scale = self.state.step, lr_scale(
-                self.state.step, max_steps=sched.max_steps, warmup_steps=sched.warmup_steps,
-                decay=sched.decay, min_ratio=sched.min_lr_ratio)
+            step, scale = self.state.step, self.scale_now()
             grads = {}
             for task in self.model.tasks:
+                t_task = time.perf_counter()
                 batch = next(its[task])
                 for item, reason in batch["skipped"]:
                     if item not in self.state.skipped[task]:
@@ -159,7 +252,11 @@ class Trainer:
                     names=self.owners[task], step=step)
                 n = len(next(iter(batch.values())))
                 self.state.samples[task] += n
+                self.state.positions[task] += 1
                 window.add(task, loss=loss, n=n, **metrics)
+                self.account(task, clock.lap())
+                self.metrics.step(task, seconds=time.perf_counter() - t_task, samples=n)
+                self.metrics.loss(task, loss)
             self.opt.step(grads, lr_scale=scale)
             self.state.step += 1
             self.state.wall_s = wall_at_start + time.perf_counter() - t0
@@ -167,16 +264,24 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix_str(window.postfix(time.perf_counter() - t_window))
             if self.state.step % cfg.output.log_every == 0 or self.state.step == sched.max_steps:
-                append_log(metrics_path, window.record(self.state.step, scale,
-                                                       time.perf_counter() - t_window))
+                record = window.record(self.state.step, scale, time.perf_counter() - t_window)
+                record["device_hours"] = self.state.device_total_s / 3600
+                append_log(metrics_path, record)
                 window, t_window = Accumulator(), time.perf_counter()
+                self.publish_alpha()
             if self.state.step % cfg.output.checkpoint_every == 0:
                 self.save()
+            self.account(SHARED, clock.lap())
+            if self.check_budget():
+                stop_reason = "gpu_budget"
+                break
             if sched.time_budget_s and time.perf_counter() - t0 >= sched.time_budget_s:
                 stop_reason = "time_budget"
                 break
         if bar is not None:
             bar.close()
+        self.account(SHARED, clock.lap())
+        self.publish_totals()
         self.save()
         log.info("stopped at step %d (%s); skipped items: %s", self.state.step, stop_reason,
                  skip_summary(self.state.skipped))
@@ -185,10 +290,12 @@ class Trainer:
 
 def check_resumable(saved: Config, current: Config) -> None:
     old, new = to_dict(saved), to_dict(current)
-    diffs = [k for section in FROZEN_ON_RESUME for k in diff_keys(old[section], new[section], section)]
+    diffs = [k for section in FROZEN_ON_RESUME for k in diff_keys(old[section], new[section], section)
+             if not (k.startswith("tasks.") and k.endswith(".workers"))]
     if diffs:
         raise TrainingError("cannot resume: the checkpoint was trained with different settings for "
-                            + ", ".join(diffs) + " (only schedule, data and output may change)")
+                            + ", ".join(diffs) + " (only schedule, data, output, distributed and "
+                            "tasks.<t>.workers may change)")
 
 
 def diff_keys(a, b, prefix: str) -> list[str]:
