@@ -37,12 +37,7 @@ def sample_frames(n: int, *, count: int, gap: int) -> list[int]:
 def motion_pair(frame: np.ndarray, before: np.ndarray, after: np.ndarray,
                 cfg: PrepConfig) -> tuple[np.ndarray, str | None]:
     """(mask (H, W) bool, reason the frame filter drops it or None) for frame t."""
-    import cv2
-
     from mtssl.prep.motion import frame_filter, motion_mask
-    # GrabCut draws from OpenCV's RNG: a fixed seed per call makes each mask independent of
-    # what this process computed before, so re-runs, resumes and workers give the same bytes.
-    cv2.setRNGSeed(0)
     gap = cfg.frame_gap
     # frames t-gap .. t+gap in their true positions (the motion module measures speed per
     # frame); only the three it reads are decoded, the others stay None
