@@ -19,6 +19,7 @@ from mtssl.colour import lab_to_rgb
 from mtssl.config import from_dict
 from mtssl.data.sources import TaskData
 from mtssl.data.stream import loader
+from mtssl.eval.report import plot_alpha_matrix
 from mtssl.models.multitask import MultiTaskNet
 from mtssl.storage import open_storage
 from mtssl.train import skip_summary, to_device
@@ -45,22 +46,6 @@ def plot_curves(records: list[dict], out: Path) -> None:
             ax.plot(steps, [r["tasks"].get(task, {}).get(key, np.nan) for r in records])
             ax.set_title(f"{task}: {key}", fontsize=9)
             ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-
-
-def plot_alpha(alpha: np.ndarray, tasks: list[str], taps: list[str], out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(taps), 0.9 + 0.5 * len(tasks)))
-    im = ax.imshow(np.abs(alpha), cmap="viridis", aspect="auto")
-    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
-    ax.set_xticks(range(len(taps)), [t.split("_")[-1] for t in taps], fontsize=7)
-    ax.set_xlabel("block-3 unit")
-    ax.set_title("|alpha| per task and unit", fontsize=9)
-    fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -160,7 +145,7 @@ def write_report(run_dir: str | Path) -> Path:
                   "![predicted motion masks](motion.png)", ""]
 
     alpha = model.alpha_matrix().numpy()
-    plot_alpha(alpha, model.tasks, list(model.trunk.tap_names), out / "alpha.png")
+    plot_alpha_matrix(alpha, model.tasks, out / "alpha.png")
     lines += ["## Lasso coefficients", "", "![lasso alpha](alpha.png)", "",
               "| task | " + " | ".join(t.split("_")[-1] for t in model.trunk.tap_names) + " |",
               "|---|" + "---|" * len(model.trunk.tap_names)]

@@ -1,0 +1,101 @@
+"""ImageNet-style linear probe: end to end on caltech10 from random init and from a briefly
+pre-trained trunk, the feature cache, eval-only lasso, bad input, and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtssl.cli import main
+from mtssl.config import load_config
+from mtssl.eval.common import EvalError, load_trunk, random_trunk, suite_settings
+from mtssl.eval.imagenet import run
+from test_eval_checkpoints import train_tiny
+
+
+def probe(loaded, data, cache, *sets):
+    s = suite_settings("imagenet", "smoke", ["max_per_class=5", "epochs=120", *sets])
+    return run(loaded, data, s, settings_name="smoke", cache_dir=cache)
+
+
+def test_random_and_pretrained_trunks_on_caltech10(shared_data, tmp_path):
+    data = shared_data / "caltech10"
+    pre = load_trunk(str(train_tiny(tmp_path / "run", steps=1).cfg.run_dir))
+    rand = random_trunk(pre.arch)
+    cache = tmp_path / "cache"
+    results = [probe(t, data, cache) for t in (rand, pre)]
+    for r in results:
+        assert len(r["classes"]) == 10 and "Leopards" in r["classes"]
+        assert r["train_images"] == r["eval_images"] == 50 and r["eval_split"] == "test"
+        assert 0.0 <= r["metrics"]["top1"] <= r["metrics"]["top5"] <= 1.0
+        assert r["metrics"]["top1"] >= 0.2 and r["metrics"]["train_top1"] >= 0.5  # chance: 0.1
+        assert not r["features_cached"] and r["extract_images_per_s"] > 0
+    assert results[0]["checkpoint"] != results[1]["checkpoint"]
+    assert len(list(cache.glob("features-*.pt"))) == 4  # (train, test) x two trunks
+
+    again = probe(pre, data, cache)
+    assert again["features_cached"] and again["metrics"] == results[1]["metrics"]
+    probe(pre, data, cache, "epochs=5")  # classifier settings reuse the features
+    assert len(list(cache.glob("features-*.pt"))) == 4
+    lasso = probe(pre, data, cache, "lasso=true")  # per-unit features: a new cache entry
+    assert len(list(cache.glob("features-*.pt"))) == 6
+    assert len(lasso["alpha"]) == pre.arch.units[2] == 2 and lasso["alpha"] != [0.0, 1.0]
+
+
+def write_folder(root, spec):
+    """ImageFolder with coloured-noise images: spec maps 'split/class' -> image count."""
+    rng = np.random.default_rng(0)
+    for where, n in spec.items():
+        folder = root / where
+        folder.mkdir(parents=True)
+        colour = np.array([200, 40, 40]) if where.endswith("a") else np.array([40, 40, 200])
+        for i in range(n):
+            img = np.clip(colour + rng.normal(0, 30, (24, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+def test_empty_class_and_corrupt_image_are_skipped_and_reported(tmp_path):
+    data = write_folder(tmp_path / "d", {"train/a": 4, "train/b": 4, "val/a": 2, "val/b": 2,
+                                         "val/c": 1})
+    (data / "train" / "empty").mkdir()
+    (data / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    loaded = random_trunk(load_config("quickstart").trunk)
+    s = suite_settings("imagenet", "smoke", ["resize=32", "image_size=32", "epochs=30"])
+    r = run(loaded, data, s)
+    assert r["classes"] == ["a", "b"] and r["eval_split"] == "val"
+    assert r["train_images"] == 8 and r["eval_images"] == 4
+    assert r["skipped"] == {"empty_class": 1, "class_not_in_train": 1, "not_an_image": 1}
+    assert "top5" not in r["metrics"]  # two classes: top-5 is not defined
+    assert r["metrics"]["top1"] == 1.0  # red vs blue is linearly separable even at random init
+
+
+def test_missing_splits_are_clear_errors(tmp_path):
+    loaded = random_trunk(load_config("quickstart").trunk)
+    s = suite_settings("imagenet", "smoke")
+    write_folder(tmp_path / "d", {"train/a": 1})
+    with pytest.raises(EvalError, match="expected ImageFolder splits train/ and val/"):
+        run(loaded, tmp_path / "d", s)
+    (tmp_path / "e" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "e" / "val").mkdir()
+    with pytest.raises(EvalError, match="no class folder holds any image"):
+        run(loaded, tmp_path / "e", s)
+
+
+def test_cli_eval(tmp_path, capsys):
+    data = write_folder(tmp_path / "d", {"train/a": 3, "train/b": 3, "test/a": 2, "test/b": 2})
+    base = ["eval", "imagenet", "--data", str(data), "--cache-dir", str(tmp_path / "c"),
+            "--set", "resize=32", "--set", "image_size=32", "--set", "epochs=5"]
+    out = tmp_path / "r.json"
+    assert main(base + ["--init", "random", "--arch", "quickstart", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["checkpoint"].startswith("random:") and "top1" in result["metrics"]
+    assert "top1:" in capsys.readouterr().out
+    assert main(base + ["--init", "random"]) == 1
+    assert "--init random needs --arch" in capsys.readouterr().err
+    assert main(base + ["--init", "random", "--arch", "quickstart", "--set", "epoch=3"]) == 2
+    assert "'imagenet.epoch': unknown key" in capsys.readouterr().err
+    run_dir = train_tiny(tmp_path / "run", steps=1).cfg.run_dir
+    assert main(base + ["--checkpoint", str(run_dir), "--arch", "quickstart"]) == 1
+    assert "different architecture" in capsys.readouterr().err
