@@ -392,11 +392,11 @@ class S3Storage(Storage):
         self._call("put", self.uri(key), lambda: self._client.put_object(
             self.bucket, name, io.BytesIO(data), len(data), part_size=self.part_size))
 
-    def get_bytes(self, key: str) -> bytes:
+    def _read(self, key: str, **byte_range) -> bytes:
         name = self._full(key)
 
         def get() -> bytes:
-            response = self._client.get_object(self.bucket, name)
+            response = self._client.get_object(self.bucket, name, **byte_range)
             try:
                 return response.read()
             finally:
@@ -404,19 +404,12 @@ class S3Storage(Storage):
                 response.release_conn()
 
         return self._call("get", self.uri(key), get)
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._read(key)
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
-        name = self._full(key)
-
-        def get() -> bytes:
-            response = self._client.get_object(self.bucket, name, offset=offset, length=length)
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
-
-        return self._call("get", self.uri(key), get)
+        return self._read(key, offset=offset, length=length)
 
     def sha256(self, key: str) -> tuple[str, int]:
         name = self._full(key)
