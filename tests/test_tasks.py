@@ -155,3 +155,32 @@ def test_colorization_calibration_sets_rebalancing():
     w, p = head.class_weights, head.prior
     assert (p * w).sum().item() == pytest.approx(1.0, abs=1e-4)
     assert w[p.argmax()] < 1 < w[p.argmin()]  # common colours down-weighted, rare ones up
+
+
+def test_relative_position_learns_a_layout_readable_from_colour():
+    """A coordinate-coded image makes the answer readable from the patches' colours, so a
+    working sampler + head + loss must beat chance (1/8) quickly; a broken label, pairing or
+    head stays at chance."""
+    from mtssl.models.lasso import TapMix
+    cfg = task_cfg("relative_position", gap=0, jitter=0, color_drop=False, min_pixels=40000,
+                   max_pixels=60000)
+    yy, xx = np.mgrid[0:250, 0:250]
+    img = np.stack([xx * 255 // 250, yy * 255 // 250, np.zeros_like(xx)], -1).astype(np.uint8)
+    sampler = TASKS["relative_position"].build_sampler(cfg, TRUNK, False)
+    stream = TaskStream(source=ArrayImages([("coordinates", img)]), sampler=sampler,
+                        batch_size=16, seed=0, stream_id=0)
+    torch.manual_seed(0)
+    trunk = ResNetV2Trunk(units=(1, 1, 2), width=0.0625, output_stride=8)
+    head, mix = TASKS["relative_position"].build_head(cfg, TRUNK), TapMix(num_taps=2)
+    modules = torch.nn.ModuleList([trunk, head, mix])
+    opt = torch.optim.Adam(modules.parameters(), lr=1e-3)
+    accs = []
+    for step in range(300):
+        batch = stream.batch(step)
+        batch.pop("skipped")
+        out = head(batch, lambda x: mix(trunk(x).taps))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        accs.append(out.metrics["acc"])
+    assert np.mean(accs[-30:]) > 0.3, np.mean(accs[-30:])
