@@ -41,6 +41,13 @@ def add_config_args(p: argparse.ArgumentParser, default: str) -> None:
                         "repeatable; values are parsed as YAML")
 
 
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    """--resume and --no-report, shared by the commands that own a run's checkpoints."""
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest good checkpoint in the run's storage")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+
+
 def load(args):
     from mtssl.config import load_config
     overrides = list(args.overrides)
@@ -91,9 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "run directory (output.dir).")
     add_config_args(p, "quickstart")
     p.add_argument("--out", help="run directory (same as --set output.dir=...)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest good checkpoint in the run's storage")
-    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    add_resume_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("quickstart", help="the README's main job: tiny 4-task run + report",

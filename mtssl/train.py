@@ -140,12 +140,9 @@ class TrainingRun:
         check_resumable(from_dict(ckpt["config"]), self.cfg)
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
-        step = int(ckpt["step"])
-        # Checkpoints from before data positions were kept: every stream was at `step`.
-        positions = ckpt.get("positions") or {t: step for t in self.model.tasks}
         self.state = RunState(step=step, skipped=ckpt["skipped"], samples=ckpt["samples"],
-                              wall_s=float(ckpt["wall_s"]), positions=dict(positions),
-                              device_seconds=dict(ckpt.get("device_seconds") or {}))
+                              wall_s=float(ckpt["wall_s"]), positions=dict(ckpt["positions"]),
+                              device_seconds=dict(ckpt["device_seconds"]))
         log.info("resumed from step %d (%s)", step, self.cfg.storage_uri)
         return True
 

@@ -242,18 +242,23 @@ def test_launcher_against_replayed_api_attach_to_a_missing_run_fails(replay):
     assert state.unexpected == [] and state.remaining() == []
 
 
-def test_launch_command_against_replayed_api_via_kubeconfig(replay, tmp_path, monkeypatch,
-                                                            capsys):
-    from mtssl.cli import main
-    state, url = replay("create_then_succeeded")
+def use_kubeconfig(tmp_path, monkeypatch, url, *, namespace=None):
+    """Point the kubernetes client at the replay server through a kubeconfig file."""
+    context = {"cluster": "replay", "user": "u", **({"namespace": namespace} if namespace else {})}
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": "replay",
         "clusters": [{"name": "replay", "cluster": {"server": url}}],
-        "contexts": [{"name": "replay", "context": {"cluster": "replay", "user": "u",
-                                                    "namespace": NS}}],
+        "contexts": [{"name": "replay", "context": context}],
         "users": [{"name": "u", "user": {"token": "not-a-secret"}}]}))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+
+
+def test_launch_command_against_replayed_api_via_kubeconfig(replay, tmp_path, monkeypatch,
+                                                            capsys):
+    from mtssl.cli import main
+    state, url = replay("create_then_succeeded")
+    use_kubeconfig(tmp_path, monkeypatch, url, namespace=NS)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert main(["launch", "--k8s", "--poll-s", "0"]) == 0
     assert "run 'quickstart' succeeded" in capsys.readouterr().out
@@ -264,13 +269,7 @@ def test_launch_command_against_replayed_api_403_exits_1(replay, tmp_path, monke
                                                         capsys):
     from mtssl.cli import main
     _, url = replay("forbidden_403")
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "replay",
-        "clusters": [{"name": "replay", "cluster": {"server": url}}],
-        "contexts": [{"name": "replay", "context": {"cluster": "replay", "user": "u"}}],
-        "users": [{"name": "u", "user": {"token": "not-a-secret"}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    use_kubeconfig(tmp_path, monkeypatch, url)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert main(["launch", "--k8s", "--namespace", NS, "--poll-s", "0"]) == 1
     assert "Forbidden" in capsys.readouterr().err

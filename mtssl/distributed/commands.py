@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 
-from mtssl.cli import add_config_args, load
+from mtssl.cli import add_config_args, add_resume_args, load
 from mtssl.k8s.commands import K8S_EPILOG, add_k8s_arguments, run_k8s
 
 LAUNCH_EPILOG = """examples:
@@ -28,9 +28,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "apply the workers' gradients, checkpoint, account device-hours, "
                                    "and decide when to stop. Rendezvous on MTSSL_COORDINATOR_PORT.")
     add_common(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest good checkpoint in the run's storage")
-    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    add_resume_args(p)
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("worker", help="distributed run: one worker of one task",

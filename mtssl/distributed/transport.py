@@ -46,4 +46,5 @@ def guarded(what: str):
         if isinstance(err, TrainingError):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PeerLost(f"{what} failed: {first[:400]}") from None
+        # gloo words a dead peer differently (closed, reset, timed out): name it plainly.
+        raise PeerLost(f"lost a peer: {what} failed: {first[:400]}") from None
