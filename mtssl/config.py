@@ -103,8 +103,13 @@ class DataConfig:
     frames: str = "embedded"
     num_workers: int = 0
     image_cache: int = 256  # decoded images kept per loader process (0 = off)
+    # One source item in this many is held out of training for the learning-health checks
+    # (0: none; the checks then draw from the training items and say so).
+    holdout_every: int = 50
 
     def __post_init__(self):
+        require(self.holdout_every == 0 or self.holdout_every >= 2, "holdout_every",
+                f"must be 0 (off) or >= 2, got {self.holdout_every}")
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require(self.image_cache >= 0, "image_cache", f"must be >= 0, got {self.image_cache}")
 
@@ -174,6 +179,24 @@ class MetricsConfig:
         require(0 <= self.port < 65536, "port", f"must be 0 (off) or a TCP port, got {self.port}")
 
 
+@dataclass(frozen=True)
+class HealthConfig:
+    """Learning-health checks at each log step (mtssl/health.py)."""
+    enabled: bool = True
+    samples: int = 64  # held-out samples per task (at most 8 of the task's batches)
+    margin: float = 0.02  # a pretext metric within this of chance counts as chance
+    grace_fraction: float = 0.25  # of max_steps before "still at chance" is flagged
+    min_effective_rank: float = 1.5  # of pooled trunk features; below it: rank collapse
+
+    def __post_init__(self):
+        require(self.samples >= 2, "samples", f"must be >= 2, got {self.samples}")
+        require(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
+        require(0 <= self.grace_fraction <= 1, "grace_fraction",
+                f"must be in [0, 1], got {self.grace_fraction}")
+        require(self.min_effective_rank >= 0, "min_effective_rank",
+                f"must be >= 0, got {self.min_effective_rank}")
+
+
 def _tasks_config_cls():
     # Task sections are declared by the task files themselves; this builds the section type.
     from mtssl.tasks import TASKS
@@ -207,6 +230,7 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     milestones: MilestonesConfig = field(default_factory=MilestonesConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self):
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

@@ -60,6 +60,18 @@ class Metrics:
         self._gpu_hours = Gauge("mtssl_gpu_hours_total",
                                 "Device-hours of a task in the run's (checkpointed) totals",
                                 ["run", "task"], registry=r)
+        self._heldout = Gauge("mtssl_pretext_heldout",
+                              "A task's pretext metric on its fixed held-out sample",
+                              ["run", "task", "metric"], registry=r)
+        self._chance = Gauge("mtssl_pretext_chance",
+                             "What a trivial predictor reaches on the same held-out sample",
+                             ["run", "task", "metric"], registry=r)
+        self._erank = Gauge("mtssl_feature_effective_rank",
+                            "Effective rank of the pooled trunk features a task's head reads",
+                            ["run", "task"], registry=r)
+        self._unhealthy = Gauge("mtssl_task_unhealthy",
+                                "1 while a task is at chance or collapsed (see status label)",
+                                ["run", "task", "status"], registry=r)
         self._last_step = Gauge("mtssl_last_step_timestamp_seconds",
                                 "Unix time of a task's latest completed step", ["run", "task"],
                                 registry=r)
@@ -91,6 +103,14 @@ class Metrics:
         self._samples.labels(self.run, task, self.role).inc(samples)
         self._duration.labels(self.run, task, self.role).observe(seconds)
         self._last_step.labels(self.run, task).set(time.time())
+
+    def health(self, task: str, *, metric: str, value: float, chance: float,
+               effective_rank: float, status: str, unhealthy: tuple[str, ...]) -> None:
+        self._heldout.labels(self.run, task, metric).set(value)
+        self._chance.labels(self.run, task, metric).set(chance)
+        self._erank.labels(self.run, task).set(effective_rank)
+        for s in unhealthy:
+            self._unhealthy.labels(self.run, task, s).set(float(s == status))
 
     def loss(self, task: str, value: float) -> None:
         self._loss.labels(self.run, task).set(value)

@@ -2,8 +2,10 @@
 
 The rule (paper.md section 5, our reading of "separate RMSProp per task"): for a parameter p
 read by tasks T, task t keeps v_t fed only by its own gradients g_t and proposes
-    delta_t = -lr_t * g_t / (sqrt(v_t) + eps)        (with optional momentum on that ratio);
-p receives the sum of the deltas of the tasks that stepped. Head and alpha parameters belong to
+    delta_t = -lr_t * (g_t / (sqrt(v_t) + eps) + wd * p)   (optional momentum on the ratio);
+p receives the sum of the deltas of the tasks that stepped. Weight decay is decoupled from the
+normalisation (Loshchilov & Hutter, ICLR 2019): added to g_t before dividing by sqrt(v_t), a
+weakly used weight's decay would be amplified to a full lr-sized step and erase it. Head and alpha parameters belong to
 one task and are touched only by it. The single-process trainer and the distributed coordinator
 both go through `PerTaskRMSProp`, so both apply exactly the same rule.
 """
@@ -17,15 +19,21 @@ from torch import Tensor
 
 
 def rmsprop_delta(grad: Tensor, square_avg: Tensor, momentum_buf: Tensor | None, *,
-                  lr: float, decay: float, eps: float, momentum: float
+                  lr: float, decay: float, eps: float, momentum: float,
+                  param: Tensor | None = None, weight_decay: float = 0.0
                   ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One RMSProp proposal. Returns (delta, new_square_avg, new_momentum_buf); pure."""
+    """One RMSProp proposal. Returns (delta, new_square_avg, new_momentum_buf); pure.
+
+    `param` and `weight_decay`: decoupled decay, -lr * weight_decay * param, outside the ratio."""
     square_avg = decay * square_avg + (1.0 - decay) * grad * grad
     direction = grad / (square_avg.sqrt() + eps)
     if momentum_buf is not None:
         direction = momentum * momentum_buf + direction
         momentum_buf = direction
-    return -lr * direction, square_avg, momentum_buf
+    delta = -lr * direction
+    if weight_decay and param is not None:
+        delta = delta - lr * weight_decay * param
+    return delta, square_avg, momentum_buf
 
 
 class PerTaskRMSProp:
@@ -64,14 +72,13 @@ class PerTaskRMSProp:
         for name, grad in grads.items():
             param = self.params[name]
             grad = grad.to(param.dtype)
-            if self.weight_decay and param.ndim > 1:
-                grad = grad + self.weight_decay * param.detach()
             st = self.state[task].setdefault(name, {"square_avg": torch.zeros_like(param)})
             if self.momentum and "momentum" not in st:
                 st["momentum"] = torch.zeros_like(param)
             delta, st["square_avg"], mom = rmsprop_delta(
                 grad, st["square_avg"], st.get("momentum"), lr=self.lr[task] * lr_scale,
-                decay=self.decay, eps=self.eps, momentum=self.momentum)
+                decay=self.decay, eps=self.eps, momentum=self.momentum,
+                param=param.detach(), weight_decay=self.weight_decay if param.ndim > 1 else 0.0)
             if mom is not None:
                 st["momentum"] = mom
             out[name] = delta

@@ -1,8 +1,9 @@
 """The pre-training report of one run: Markdown + PNG, readable without anything else.
 
-Loss and pretext-metric curves per task (from metrics.jsonl), pretext metrics of the latest
-checkpoint on freshly drawn samples, colorized predictions next to the originals, predicted
-motion masks next to the true ones, and the lasso alpha heatmap.
+Loss and pretext-metric curves per task (from metrics.jsonl) with the held-out metric and its
+chance level, a verdict in words on which tasks learned (the learning-health checks of
+mtssl/health.py on the latest checkpoint), colorized predictions next to the originals,
+predicted motion masks next to the true ones, and the lasso alpha heatmap.
 """
 
 from __future__ import annotations
@@ -18,14 +19,11 @@ from mtssl.checkpoint import CheckpointStore
 from mtssl.colour import lab_to_rgb
 from mtssl.config import from_dict
 from mtssl.data.sources import TaskData
-from mtssl.data.stream import loader
 from mtssl.eval.report import plot_alpha_matrix
+from mtssl.health import HealthCheck
 from mtssl.models.multitask import MultiTaskNet
 from mtssl.storage import open_storage
-from mtssl.train import skip_summary, to_device
-
-EVAL_STREAM = 2000  # stream ids apart from training's: new draws (same image pool)
-EVAL_BATCHES = 4
+from mtssl.train import skip_summary
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -40,12 +38,23 @@ def plot_curves(records: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(2, len(tasks), figsize=(3.6 * len(tasks), 6), squeeze=False)
     steps = [r["step"] for r in records]
     for col, task in enumerate(tasks):
+        checks = [(r["step"], r["health"][task]) for r in records
+                  if task in (r.get("health") or {})]
         keys = sorted({k for r in records for k in r["tasks"].get(task, {})})
-        for row, key in enumerate(["loss", next((k for k in keys if k != "loss"), "loss")]):
+        metric = checks[-1][1]["metric"] if checks else next((k for k in keys if k != "loss"),
+                                                             "loss")
+        for row, key in enumerate(["loss", metric]):
             ax = axes[row][col]
-            ax.plot(steps, [r["tasks"].get(task, {}).get(key, np.nan) for r in records])
+            ax.plot(steps, [r["tasks"].get(task, {}).get(key, np.nan) for r in records],
+                    label="training batches")
             ax.set_title(f"{task}: {key}", fontsize=9)
             ax.set_xlabel("step")
+        if checks:
+            ax = axes[1][col]
+            ax.plot([s for s, _ in checks], [h["value"] for _, h in checks], label="held-out")
+            ax.plot([s for s, _ in checks], [h["chance"] for _, h in checks], "k--",
+                    label="chance")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -99,26 +108,20 @@ def write_report(run_dir: str | Path) -> Path:
         plot_curves(read_metrics(metrics_path), out / "curves.png")
         lines += ["## Training curves", "", "![loss and pretext metric per task](curves.png)", ""]
 
-    lines += ["## Pretext metrics of the latest checkpoint", "",
-              f"Evaluation mode, {EVAL_BATCHES} batches per task of newly drawn samples from the "
-              "same image pool as training (not a held-out set).", "",
-              "| task | samples | loss | metric |", "|---|---|---|---|"]
-    first = {}
-    with torch.no_grad():
-        for task in model.tasks:
-            stream = data.stream(task, stop_batch=EVAL_BATCHES, stream_offset=EVAL_STREAM)
-            losses, mets, n = [], {}, 0
-            for batch in loader(stream, num_workers=0):
-                batch = to_device(batch, torch.device("cpu"))
-                first.setdefault(task, batch)
-                res = model(task, batch)
-                losses.append(res.loss.item())
-                for k, v in res.metrics.items():
-                    mets.setdefault(k, []).append(v)
-                n += len(next(iter(batch.values())))
-            metric = ", ".join(f"{k} {np.mean(v):.3f}" for k, v in mets.items())
-            lines.append(f"| {task} | {n} | {np.mean(losses):.4f} | {metric} |")
+    health = HealthCheck(cfg, data, model, torch.device("cpu"))
+    found = health.evaluate(model, step=step, max_steps=cfg.schedule.max_steps)
+    lines += ["## Did every task learn?", "", verdict(found), "",
+              "Pretext metric of the latest checkpoint on a fixed sample of each task's held-out "
+              f"items (one source item in {cfg.data.holdout_every} never trained on; "
+              "`training items` where the source is too small to hold any out), next to what "
+              "a trivial predictor reaches on the same sample.", "",
+              "| task | sample | metric | held-out | chance | feature effective rank | status |",
+              "|---|---|---|---|---|---|---|"]
+    for task, h in found.items():
+        lines.append(f"| {task} | {health.split[task]} items | {h.metric} | {h.value:.3f} | "
+                     f"{h.chance:.3f} | {h.effective_rank:.1f} | {h.status} |")
     lines.append("")
+    first = health.batches
 
     if "colorization" in first:
         batch = first["colorization"]
@@ -156,3 +159,15 @@ def write_report(run_dir: str | Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def verdict(found: dict) -> str:
+    """Which tasks learned, in words."""
+    groups: dict[str, list[str]] = {}
+    for task, h in found.items():
+        groups.setdefault(h.status, []).append(task)
+    words = {"learning": "Learned (held-out metric above chance)",
+             "warming_up": "Too early to judge",
+             "at_chance": "**Still at chance**", "collapsed": "**Collapsed**",
+             "rank_collapse": "**Trunk features collapsed** (effective rank)"}
+    return " ".join(f"{words[s]}: {', '.join(ts)}." for s, ts in groups.items())

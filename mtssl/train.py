@@ -18,6 +18,7 @@ from mtssl.config import Config, from_dict, save_config, to_dict
 from mtssl.data.sources import TaskData
 from mtssl.data.stream import loader
 from mtssl.distributed.env import metrics_port, run_name
+from mtssl.health import UNHEALTHY, HealthCheck
 from mtssl.metrics import Metrics
 from mtssl.models.multitask import MultiTaskNet
 from mtssl.optim import PerTaskRMSProp
@@ -121,6 +122,8 @@ class TrainingRun:
         self.resumed = resume and self._restore()
         if not self.resumed:
             self._calibrate()
+        self.health = (HealthCheck(cfg, self.data, self.model, self.device)
+                       if cfg.health.enabled else None)
         self.budget_checked_s = self.state.device_total_s  # total at the last milestone check
 
     # --- state -----------------------------------------------------------------------------
@@ -192,9 +195,21 @@ class TrainingRun:
         self.metrics.budget(budget_hours=self.cfg.budget.gpu_hours,
                             used_hours=self.state.device_total_s / 3600)
 
+    def health_record(self) -> dict | None:
+        """Run the learning-health checks (mtssl/health.py); their log record, or None if off."""
+        if self.health is None:
+            return None
+        found = self.health.evaluate(self.model, step=self.state.step,
+                                     max_steps=self.cfg.schedule.max_steps)
+        for task, h in found.items():
+            self.metrics.health(task, metric=h.metric, value=h.value, chance=h.chance,
+                                effective_rank=h.effective_rank, status=h.status,
+                                unhealthy=UNHEALTHY)
+        return {t: h.as_dict() for t, h in found.items()}
+
     def publish_alpha(self) -> None:
         for task in self.model.tasks:
-            self.metrics.alpha(task, self.model.mix[task].alpha)
+            self.metrics.alpha(task, self.model.mix[task].coefficients())
 
     def open_log(self) -> Path:
         """The run's metrics.jsonl, cut back to the current step (resume), config saved beside."""
@@ -263,6 +278,7 @@ class Trainer(TrainingRun):
             if self.state.step % cfg.output.log_every == 0 or self.state.step == sched.max_steps:
                 record = window.record(self.state.step, scale, time.perf_counter() - t_window)
                 record["device_hours"] = self.state.device_total_s / 3600
+                record["health"] = self.health_record()
                 append_log(metrics_path, record)
                 window, t_window = Accumulator(), time.perf_counter()
                 self.publish_alpha()

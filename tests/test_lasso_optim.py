@@ -18,7 +18,23 @@ def test_lasso_starts_as_the_naive_net():
     assert torch.equal(TapMix(num_taps=3, mode="naive")(t), t["u2"])
 
 
-def test_l1_drives_penalised_alpha_to_zero():
+def test_loss_and_penalty_cannot_be_lowered_by_shrinking_alpha():
+    # Every head normalises its input, so a raw alpha row's scale was invisible to the task
+    # while L1 fell with it: the lasso shrank alpha for free instead of choosing units.
+    t = taps()
+    mix = TapMix(num_taps=3)
+    with torch.no_grad():
+        mix.alpha.copy_(torch.tensor([0.3, -0.2, 0.9]))
+    out, pen = mix(t), mix.penalty()
+    with torch.no_grad():
+        mix.alpha.mul_(0.1)
+    assert torch.allclose(mix(t), out, atol=1e-6)
+    assert torch.allclose(mix.penalty(), pen)
+    assert mix.penalty() > 1.0  # three units read: above the one-hot minimum of exactly 1
+    assert torch.isclose(TapMix(num_taps=3).penalty(), torch.tensor(1.0))
+
+
+def test_l1_concentrates_alpha_on_the_useful_unit():
     t = taps()
     target = t["u0"]  # only the first unit is useful; the init reads only the last
     mix = TapMix(num_taps=3)
@@ -28,17 +44,22 @@ def test_l1_drives_penalised_alpha_to_zero():
         loss = (mix(t) - target).pow(2).mean() + 0.02 * mix.penalty()
         loss.backward()
         opt.step()
-    alpha = mix.alpha.detach()
-    assert abs(alpha[2]) < 0.05 and abs(alpha[1]) < 0.05  # from 1.0 and 0.0
-    assert 0.8 < alpha[0] < 1.0  # shrunk a little by the penalty, as a lasso does
+    a = mix.coefficients().detach()
+    assert abs(a[2]) < 0.05 and abs(a[1]) < 0.05  # from 1.0 and 0.0
+    assert a[0] > 0.99
 
+    # The penalty alone makes a spread row sparse instead of small.
     pure = TapMix(num_taps=3)
+    with torch.no_grad():
+        pure.alpha.copy_(torch.tensor([0.5, 0.6, 0.55]))
     opt = torch.optim.SGD(pure.parameters(), lr=0.05)
-    for _ in range(200):
+    for _ in range(300):
         opt.zero_grad()
-        (1.0 * pure.penalty()).backward()
+        pure.penalty().backward()
         opt.step()
-    assert pure.alpha.detach().abs().max() < 0.05
+    a = pure.coefficients().detach().abs()
+    assert a.max() > 0.95 and (a < 0.2).sum() == 2
+    assert pure.alpha.detach().norm() > 0.5  # the raw row did not just shrink
 
 
 def hand_rmsprop(g, v, lr, decay, eps):

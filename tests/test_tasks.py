@@ -60,7 +60,8 @@ def test_loss_is_finite_and_falls_on_a_fixed_batch(task):
         grads = torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
         opt.step({task: {n: g for n, g in zip(params, grads) if g is not None}})
     assert min(losses[-3:]) < 0.8 * losses[0], losses
-    assert set(out.metrics) and all(0 <= v <= 1 for v in out.metrics.values())
+    metric, chance = next(iter(out.chance.items()))  # the primary pretext metric and its chance
+    assert 0 <= out.metrics[metric] <= 1 and 0 <= chance <= 1
 
 
 def coordinate_image(h=120, w=160):
@@ -72,15 +73,41 @@ def coordinate_image(h=120, w=160):
 def test_relative_position_label_matches_geometry():
     img = coordinate_image()
     cfg = task_cfg("relative_position", min_pixels=img.shape[0] * img.shape[1],
-                   max_pixels=img.shape[0] * img.shape[1], color_drop=False)
+                   max_pixels=img.shape[0] * img.shape[1], color_drop=False, pairs=3,
+                   normalize_patches=False, downsample_prob=0.0)
     sampler = TASKS["relative_position"].build_sampler(cfg, TRUNK, False)
     step = cfg.patch_size + cfg.gap
+    seen = set()
     for seed in range(20):
         s = sampler(img, np.random.default_rng(seed))
-        corners = ((s["patches"][:, :2, 0, 0] + 1) / 2 * 255).round()  # (2, [x, y])
-        dx, dy = corners[1] - corners[0]
-        dr, dc = NEIGHBOURS[int(s["label"])]
-        assert abs(dx - dc * step) <= 2 * cfg.jitter and abs(dy - dr * step) <= 2 * cfg.jitter
+        assert s["patches"].shape[0] == 1 + cfg.pairs and s["label"].shape == (cfg.pairs,)
+        assert len(set(s["label"].tolist())) == cfg.pairs  # distinct neighbours of one centre
+        corners = ((s["patches"][:, :2, 0, 0] + 1) / 2 * 255).round()  # (1 + pairs, [x, y])
+        for k, label in enumerate(s["label"]):
+            dx, dy = corners[1 + k] - corners[0]
+            dr, dc = NEIGHBOURS[int(label)]
+            assert abs(dx - dc * step) <= 2 * cfg.jitter and abs(dy - dr * step) <= 2 * cfg.jitter
+            seen.add(int(label))
+    assert seen == set(range(8))
+
+
+def test_relative_position_patches_are_normalised_and_pixelated_on_request():
+    photo = embedded_photos().load(0)
+
+    def patches(prob: float) -> torch.Tensor:
+        sampler = TASKS["relative_position"].build_sampler(
+            task_cfg("relative_position", downsample_prob=prob), TRUNK, True)
+        return torch.cat([torch.from_numpy(sampler(photo, np.random.default_rng(i))["patches"])
+                          for i in range(4)])  # (4 * 9, 3, P, P)
+
+    def roughness(p: torch.Tensor) -> float:  # neighbouring pixels' mean difference
+        return (p[:, 0, :, 1:] - p[:, 0, :, :-1]).abs().mean().item()
+
+    sharp, pixelated = patches(0.0), patches(1.0)
+    for p in (sharp, pixelated):
+        assert torch.allclose(p.mean(dim=(1, 2, 3)), torch.zeros(len(p)), atol=1e-4)
+        assert torch.allclose(p.std(dim=(1, 2, 3)), torch.ones(len(p)), atol=0.05)
+    assert roughness(pixelated) < 0.8 * roughness(sharp)
 
 
 def test_harmonized_patches_are_lightness_only():
@@ -89,7 +116,6 @@ def test_harmonized_patches_are_lightness_only():
         embedded_photos().load(0), np.random.default_rng(0))
     p = s["patches"]
     assert np.array_equal(p[:, 0], p[:, 1]) and np.array_equal(p[:, 1], p[:, 2])
-    assert p.min() >= -1 and p.max() <= 1
 
 
 def test_samplers_skip_what_they_cannot_use():
@@ -147,6 +173,21 @@ def test_triplet_loss_known_values():
     assert loss.item() == pytest.approx(1.0)  # 0 - 2 + 3 for every anchor
 
 
+def test_semihard_negatives_skip_those_closer_than_the_positive():
+    anchor, positive = torch.tensor([[0.0], [0.5], [20.0]]), torch.tensor([[1.0], [3.0], [21.0]])
+    # Squared distances. Anchor 0: positive 1; negatives 0.25 (anchor 1), 9, 400, 441.
+    # Anchor 1: positive 6.25; negatives 0.25, 0.25, 380.25, 420.25. Anchor 2: positive 1;
+    # nearest negative 289. Margin 10.
+    hardest, _ = triplet_loss(anchor, positive, margin=10.0, negatives="hardest")
+    assert hardest.item() == pytest.approx(((1 - 0.25 + 10) + (6.25 - 0.25 + 10) + 0) / 3)
+    semi, _ = triplet_loss(anchor, positive, margin=10.0, negatives="semihard")
+    assert semi.item() == pytest.approx(((1 - 9 + 10) + 0 + 0) / 3)
+    # With no negative farther than the positive, semihard takes the farthest one.
+    a = torch.eye(3)
+    loss, _ = triplet_loss(a, a[[1, 2, 0]], margin=0.5, negatives="semihard")
+    assert loss.item() == pytest.approx(2.0 - 2.0 + 0.5)
+
+
 def test_colorization_calibration_sets_rebalancing():
     cfg, batch = fixed_batch("colorization")
     head = TASKS["colorization"].build_head(cfg, TRUNK)
@@ -163,7 +204,7 @@ def test_relative_position_learns_a_layout_readable_from_colour():
     head stays at chance."""
     from mtssl.models.lasso import TapMix
     cfg = task_cfg("relative_position", gap=0, jitter=0, color_drop=False, min_pixels=40000,
-                   max_pixels=60000)
+                   max_pixels=60000, normalize_patches=False, downsample_prob=0.0, pairs=1)
     yy, xx = np.mgrid[0:250, 0:250]
     img = np.stack([xx * 255 // 250, yy * 255 // 250, np.zeros_like(xx)], -1).astype(np.uint8)
     sampler = TASKS["relative_position"].build_sampler(cfg, TRUNK, False)

@@ -54,8 +54,9 @@ class TaskData:
 
     def stream(self, task: str, *, start_batch: int = 0, stop_batch: int | None = None,
                stream_offset: int = 0, shard: tuple[int, int] = (0, 1),
-               batch_size: int | None = None) -> TaskStream:
-        """stream_offset separates draws (training 0; calibration and evaluation use others)."""
+               batch_size: int | None = None, split: str = "train") -> TaskStream:
+        """stream_offset separates draws (training 0; calibration and evaluation use others);
+        split "holdout" draws only the items training never sees (data.holdout_every)."""
         from mtssl.tasks import TASKS
         tdef, tcfg = TASKS[task], getattr(self.cfg.tasks, task)
         sampler = tdef.build_sampler(tcfg, self.trunk, getattr(self.cfg.harmonization, task))
@@ -63,4 +64,5 @@ class TaskData:
                           batch_size=batch_size or tcfg.batch_size, seed=self.cfg.seed,
                           stream_id=list(TASKS).index(task) + stream_offset,
                           start_batch=start_batch, stop_batch=stop_batch, shard=shard,
-                          cache_items=self.cfg.data.image_cache)
+                          cache_items=self.cfg.data.image_cache,
+                          holdout=(self.cfg.data.holdout_every, split))

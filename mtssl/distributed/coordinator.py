@@ -204,7 +204,7 @@ class Coordinator(TrainingRun):
             seconds = time.perf_counter() - self.t_window
             record = {**self.window.record(step, scale, seconds),
                       "device_hours": self.state.device_total_s / 3600,
-                      "updates": dict(self.window.counts)}
+                      "updates": dict(self.window.counts), "health": self.health_record()}
             if cfg.distributed.mode == "async":
                 record["staleness_max"] = dict(self.staleness_max)
                 self.staleness_max.clear()

@@ -27,6 +27,7 @@ from mtssl.config import (ConfigError, TrunkConfig, apply_override, build, load_
                           to_dict)
 from mtssl.data.transforms import network_input
 from mtssl.eval import SUITES
+from mtssl.models.lasso import unit_coefficients
 from mtssl.models.resnet_v2 import DEPTH_UNITS, ResNetV2Trunk
 from mtssl.storage import NotFound, StorageError, open_storage
 
@@ -186,14 +187,15 @@ def tasks_of(model: dict) -> list[str]:
 
 
 def alpha_of(model: dict, tasks: list[str], num_units: int) -> np.ndarray:
-    """(tasks, units) pre-training lasso rows; naive tasks read the last unit only."""
+    """(tasks, units) pre-training lasso coefficients as the heads read them (unit norm); naive
+    tasks read the last unit only."""
     rows = []
     for t in tasks:
         alpha = model.get(f"mix.{t}.alpha")
         if alpha is None:
             alpha = torch.zeros(num_units)
             alpha[-1] = 1.0
-        rows.append(alpha.detach().float().cpu().numpy())
+        rows.append(unit_coefficients(alpha.detach().float().cpu()).numpy())
     return np.stack(rows) if rows else np.zeros((0, num_units))
 
 

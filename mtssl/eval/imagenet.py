@@ -1,5 +1,13 @@
-"""ImageNet-style linear probe: frozen trunk through block 3, a linear classifier on the
-globally average-pooled block-3 features; top-1 and top-5 on the held-out split.
+"""ImageNet-style linear probe: frozen trunk through block 3, a linear classifier on its
+average-pooled block-3 features; top-1 and top-5 on the held-out split.
+
+Two read-outs (`pool`): `grid`, the standard probe of the self-supervised literature (block-3
+maps average-pooled to a small grid, about 9k dimensions at full width, a BatchNorm without
+affine parameters, then the linear classifier; e.g. Goyal et al. 2019, "Scaling and
+benchmarking self-supervised visual representation learning", and Zhang et al. 2016 sec. 3.2),
+and `global`, one vector per image (C dimensions). The BatchNorm of a frozen-feature probe is
+the fixed standardisation with the training split's per-feature mean and variance: that is
+what a BatchNorm without affine parameters converges to, without its batch noise.
 
 Data: any ImageFolder layout, `<root>/train/<class>/*.jpg` and `<root>/val/` (or `test/`) with
 the same class folders. Class folders without images are skipped and reported; unreadable
@@ -37,7 +45,7 @@ from mtssl.models.lasso import TapMix
 from mtssl.validation import require
 
 log = logging.getLogger("mtssl.eval.imagenet")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,8 @@ class ProbeSettings:
     resize: int = 256  # shorter side before the centre crop
     image_size: int = 224  # centre crop side
     input: Literal["rgb", "gray"] = "rgb"  # gray: Lab L x3, the harmonized input
+    pool: Literal["grid", "global"] = "grid"  # grid: the literature's probe; global: C dims
+    grid: int = 3  # grid x grid cells per map under pool=grid (3: 9 x 1024 = 9,216 dims)
     output_stride: Literal[8, 16] | None = 16  # null: as pre-trained (same weights either way)
     max_per_class: int | None = None  # first N images (by name) per class and split
     batch_size: int = 128  # feature extraction
@@ -60,6 +70,7 @@ class ProbeSettings:
 
     def __post_init__(self):
         require(self.image_size >= 16, "image_size", f"must be >= 16, got {self.image_size}")
+        require(1 <= self.grid <= 8, "grid", f"must be in [1, 8], got {self.grid}")
         require(self.resize >= self.image_size, "resize",
                 f"must be >= image_size ({self.image_size}), got {self.resize}")
         require(self.max_per_class is None or self.max_per_class >= 1, "max_per_class",
@@ -147,15 +158,17 @@ def data_identity(items: list[tuple[Path, int]]) -> str:
 
 @torch.no_grad()
 def extract_features(trunk: nn.Module, dataset: CropDataset, *, input_mode: str, per_tap: bool,
-                     batch_size: int, workers: int, device: torch.device) -> dict:
-    """Pooled block-3 features (N, T, C) float16 (T = units if per_tap else 1) and skip reasons."""
+                     batch_size: int, workers: int, device: torch.device, grid: int = 1) -> dict:
+    """Pooled block-3 features (N, T, C * grid^2) float16 (T = units if per_tap else 1) and skip
+    reasons; grid 1 is global average pooling."""
     trunk.eval().to(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     feats, reasons, start = [], [], time.perf_counter()
     for images, _, why in loader:
         taps = trunk(model_input(images.to(device), input_mode)).taps
         maps = list(taps.values()) if per_tap else [list(taps.values())[-1]]
-        feats.append(torch.stack([m.mean(dim=(2, 3)) for m in maps], 1).half().cpu())  # (B,T,C)
+        pooled = [nn.functional.adaptive_avg_pool2d(m, grid).flatten(1) for m in maps]
+        feats.append(torch.stack(pooled, 1).half().cpu())  # (B, T, C * grid^2)
         reasons += list(why)
     seconds = time.perf_counter() - start
     return {"features": torch.cat(feats), "ok": torch.tensor([r == "" for r in reasons]),
@@ -164,12 +177,18 @@ def extract_features(trunk: nn.Module, dataset: CropDataset, *, input_mode: str,
             "seconds": seconds}
 
 
+def cells(s: ProbeSettings) -> int:
+    """Pooling grid side: 1 for global pooling."""
+    return s.grid if s.pool == "grid" else 1
+
+
 def cached_features(loaded: LoadedTrunk, items: list[tuple[Path, int]], s: ProbeSettings, *,
                     cache_dir: Path | None, device: torch.device) -> tuple[dict, bool]:
     """(features record, whether it came from the cache)."""
     key = {"version": CACHE_VERSION, "checkpoint": loaded.identity, "data": data_identity(items),
            "resize": s.resize, "image_size": s.image_size, "input": s.input,
-           "output_stride": s.output_stride or loaded.arch.output_stride, "per_tap": s.lasso}
+           "output_stride": s.output_stride or loaded.arch.output_stride, "per_tap": s.lasso,
+           "grid": cells(s)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir / f"features-{digest}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
@@ -180,7 +199,7 @@ def cached_features(loaded: LoadedTrunk, items: list[tuple[Path, int]], s: Probe
     record = extract_features(loaded.build(s.output_stride),
                               CropDataset(items, resize=s.resize, size=s.image_size),
                               input_mode=s.input, per_tap=s.lasso, batch_size=s.batch_size,
-                              workers=s.workers, device=device)
+                              workers=s.workers, device=device, grid=cells(s))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -261,7 +280,7 @@ def run(loaded: LoadedTrunk, data: Path, s: ProbeSettings, *, settings_name: str
     skipped = problems + eval_problems + train["skipped"] + test["skipped"]
     images = len(train_items) + len(eval_items)
     seconds = train["seconds"] + test["seconds"]
-    alpha = probe.mix.alpha
+    alpha = probe.mix.coefficients()
     return {**result_header(loaded, "imagenet", settings_name, s, data),
             "metrics": {f"top{k}": v for k, v in acc.items()} | {"train_top1": train_acc[1]},
             "classes": classes, "train_images": int(train["ok"].sum()),

@@ -329,7 +329,7 @@ def run(loaded: LoadedTrunk, data: Path, s: DepthSettings, *, settings_name: str
     metrics, baseline, test_skipped = evaluate(model, test, s, constant=constant, device=device)
     synthetic = (data / SYNTHETIC_MARKER).exists()
     problems = train_problems + test_problems
-    alpha = model.mix.alpha
+    alpha = model.mix.coefficients()
     return {**result_header(loaded, "nyu", settings_name, s, data),
             "metrics": metrics, "constant_baseline": baseline, "constant_depth": constant,
             "synthetic": synthetic,

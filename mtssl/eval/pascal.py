@@ -383,7 +383,7 @@ def run(loaded: LoadedTrunk, data: Path, s: DetectionSettings, *, settings_name:
                                       freeze=s.freeze_norm and not loaded.is_random, device=device)
     mean_ap, per_class, test_skipped = evaluate(model, test, classes, s, device=device)
     problems = Counter(r for _, r in train_problems + test_problems)
-    alpha = model.backbone.mix.alpha
+    alpha = model.backbone.mix.coefficients()
     return {**result_header(loaded, "pascal", settings_name, s, data),
             "metrics": {"mAP": mean_ap}, "per_class_ap": per_class, "classes": classes,
             "train_images": len(train), "test_images": len(test),

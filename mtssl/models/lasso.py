@@ -11,11 +11,22 @@ def l1_penalty(alpha: Tensor) -> Tensor:
     return alpha.abs().sum()
 
 
+def unit_coefficients(alpha: Tensor) -> Tensor:
+    """alpha scaled to unit L2 norm: the coefficients a head actually reads.
+
+    Every head normalises its input, so its loss cannot see the scale of alpha; with the raw
+    row, L1 would be lowered for free by shrinking all of alpha. On the unit sphere L1 can only
+    fall by concentrating the row on fewer units: |a|_1 = |alpha|_1 / |alpha|_2 >= 1, with 1
+    exactly when one unit is read. [choice]: the paper leaves the parameterisation open."""
+    return alpha / alpha.norm().clamp_min(1e-12)
+
+
 class TapMix(nn.Module):
     """One task's read-out: sum_u alpha[u] * tap_u, or just the last tap in naive mode.
 
-    alpha starts one-hot on the last unit, so a lasso net starts out as the naive net.
-    Used by pre-training (one per task) and by eval-only lasso (one for the probe).
+    alpha starts one-hot on the last unit, so a lasso net starts out as the naive net; the mix
+    and the penalty use its unit-norm `coefficients()`. Used by pre-training (one per task) and
+    by eval-only lasso (one for the probe).
     """
 
     def __init__(self, *, num_taps: int, mode: str = "lasso"):
@@ -33,7 +44,10 @@ class TapMix(nn.Module):
         if self.alpha is None:
             return maps[-1]
         stacked = torch.stack(maps, dim=0)  # (U, B, C, H, W)
-        return torch.tensordot(self.alpha, stacked, dims=1)  # (B, C, H, W)
+        return torch.tensordot(self.coefficients().to(stacked.dtype), stacked, dims=1)  # (B, C, H, W)
+
+    def coefficients(self) -> Tensor | None:
+        return None if self.alpha is None else unit_coefficients(self.alpha)
 
     def penalty(self) -> Tensor | None:
-        return None if self.alpha is None else l1_penalty(self.alpha)
+        return None if self.alpha is None else l1_penalty(self.coefficients())

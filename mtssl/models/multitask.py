@@ -56,10 +56,11 @@ class MultiTaskNet(nn.Module):
                 for t in self.heads}
 
     def alpha_matrix(self) -> Tensor:
-        """(tasks, block-3 units) lasso coefficients; naive rows are one-hot on the last unit."""
+        """(tasks, block-3 units) unit-norm lasso coefficients; naive rows are one-hot on the last
+        unit."""
         rows = []
         for t in self.heads:
-            alpha = self.mix[t].alpha
+            alpha = self.mix[t].coefficients()
             if alpha is None:
                 alpha = torch.zeros(len(self.trunk.tap_names))
                 alpha[-1] = 1.0

@@ -9,7 +9,7 @@ features through a callable and returns a loss and pretext metrics), and ends wi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -25,7 +25,7 @@ class TaskConfig:
     """Fields every task section has; task files subclass it with their own."""
     enabled: bool = True
     weight: float = 1.0  # multiplies the task's loss
-    lr: float = 1e-3  # base learning rate of the task's RMSProp
+    lr: float = 1e-4  # base learning rate of the task's RMSProp (1e-3 measured destructive)
     batch_size: int = 8  # per step, over all of the task's workers together
     workers: int = 1  # distributed: processes (pods) computing this task's gradients
 
@@ -51,6 +51,9 @@ class TrunkInfo:
 class TaskOutput:
     loss: Tensor  # scalar, already averaged over the batch
     metrics: dict[str, float]  # the pretext metric(s), e.g. {"acc": 0.62}
+    # The head's primary pretext metric as a trivial predictor reaches it on this same batch
+    # (uniform guess, most frequent class, all pixels moving, ...): {"acc": 0.125}.
+    chance: dict[str, float] = field(default_factory=dict)
 
 
 class SkipSample(Exception):
@@ -67,6 +70,11 @@ Sampler = Callable[[Any, np.random.Generator], dict[str, np.ndarray]]
 class TaskHead(nn.Module):
     def forward(self, batch: dict[str, Tensor], features: Features) -> TaskOutput:
         raise NotImplementedError
+
+    def collapse(self, metrics: dict[str, float]) -> str | None:
+        """Why this head's output has collapsed (in words), judged from its metrics; None if
+        it has not. Default: the head has no collapse mode of its own."""
+        return None
 
     def calibrate(self, batches: Iterable[dict[str, Tensor]]) -> None:
         """Estimate data statistics before training (e.g. the colour prior); default: none."""

@@ -23,7 +23,8 @@ from mtssl.validation import require
 from mtssl.data.images import is_grayscale
 from mtssl.data.transforms import random_crop, resize, to_tensor
 from mtssl.models.resnet_v2 import norm_layer, scaled
-from mtssl.tasks.base import Features, SkipSample, TaskConfig, TaskDef, TaskHead, TaskOutput, TrunkInfo
+from mtssl.tasks.base import (Features, SkipSample, TaskConfig, TaskDef, TaskHead, TaskOutput,
+                              TrunkInfo, feature_size)
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,10 @@ class ColorizationSampler:
 
 class ColorizationHead(TaskHead):
     def __init__(self, *, in_ch: int, width: float, head_width: int = 4096, sigma: float = 5.0,
-                 neighbors: int = 5, rebalance_lambda: float = 0.5, norm: str = "batch"):
+                 neighbors: int = 5, rebalance_lambda: float = 0.5, norm: str = "batch",
+                 output_stride: int = 8):
         super().__init__()
+        self.output_stride = output_stride  # the regions targets and prior are counted over
         bins = ab_bins()
         mid = scaled(head_width, width)
         self.pre = nn.Sequential(norm_layer(norm, in_ch), nn.ReLU())
@@ -102,15 +105,32 @@ class ColorizationHead(TaskHead):
         cross = -(weight * logp.gather(1, idx)).sum(1)  # (B, h, w) soft cross-entropy
         rebalance = self.class_weights[idx[:, 0]]  # weight of each region's nearest bin
         loss = (rebalance * cross).mean()
-        acc = (logits.argmax(1) == idx[:, 0]).float().mean().item()
-        return TaskOutput(loss=loss, metrics={"acc": acc})
+        return TaskOutput(loss=loss, **self.accuracy(logits, idx[:, 0], rebalance))
+
+    @torch.no_grad()
+    def accuracy(self, logits: Tensor, true: Tensor, weight: Tensor) -> dict:
+        """Plain and class-rebalanced accuracy of the most likely bin per region, and chance.
+
+        The rebalanced one (Zhang et al. 2016, sec. 3.1) weights each region by its true bin's
+        rebalancing weight, so answering the common greys everywhere is not rewarded: it is the
+        primary metric. Chance: the best single bin answered everywhere on this batch."""
+        hit = (logits.argmax(1) == true).float()  # (B, h, w)
+        total = weight.sum()
+        per_bin = torch.zeros(len(self.bins), device=weight.device).index_add_(
+            0, true.flatten(), weight.flatten())
+        return {"metrics": {"rebalanced_acc": ((weight * hit).sum() / total).item(),
+                            "acc": hit.mean().item()},
+                "chance": {"rebalanced_acc": (per_bin.max() / total).item()}}
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[dict[str, Tensor]]) -> None:
         counts = torch.zeros(len(self.bins), device=self.bins.device)
         for batch in batches:
-            ab = batch["ab"][..., ::4, ::4]  # every 4th pixel: plenty for a histogram
-            counts += bin_histogram(self.encoder.nearest(ab), len(self.bins)).to(counts)
+            # The prior and its weights are counted on what they weight: the per-region targets.
+            h, w = batch["ab"].shape[-2:]
+            size = (feature_size(h, self.output_stride), feature_size(w, self.output_stride))
+            region_ab = F.adaptive_avg_pool2d(batch["ab"], size)
+            counts += bin_histogram(self.encoder.nearest(region_ab), len(self.bins)).to(counts)
         if counts.sum() == 0:
             return
         self.prior.copy_(smoothed_prior(counts, self.bins))
@@ -129,7 +149,8 @@ class ColorizationHead(TaskHead):
 def build_head(cfg: ColorizationConfig, trunk: TrunkInfo) -> ColorizationHead:
     return ColorizationHead(in_ch=trunk.channels, width=trunk.width, head_width=cfg.head_width,
                             sigma=cfg.sigma, neighbors=cfg.neighbors,
-                            rebalance_lambda=cfg.rebalance_lambda, norm=trunk.norm)
+                            rebalance_lambda=cfg.rebalance_lambda, norm=trunk.norm,
+                            output_stride=trunk.output_stride)
 
 
 TASK = TaskDef(

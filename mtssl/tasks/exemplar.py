@@ -23,13 +23,19 @@ from mtssl.models.heads import patch_tower
 from mtssl.tasks.base import Features, SkipSample, TaskConfig, TaskDef, TaskHead, TaskOutput
 
 
+COLLAPSED_SPREAD = 0.1  # below this, images are indistinguishable at the triplet margin's scale
+
+
 @dataclass(frozen=True)
 class ExemplarConfig(TaskConfig):
     batch_size: int = 8
     image_size: int = 256
     patch_size: int = 96
     margin: float = 0.5
-    negatives: Literal["hardest", "random"] = "hardest"
+    # semihard (Schroff et al. 2015, FaceNet sec. 3.2): per anchor, the closest negative that
+    # is still farther than the positive (else the farthest one); hardest from step 0 lets the
+    # trivial solution win: every image at one point, loss exactly the margin (issue 9).
+    negatives: Literal["semihard", "hardest", "random"] = "semihard"
     max_translate: float = 0.2  # fraction of the patch size
     max_rotate: float = 20.0  # degrees
     scale_range: tuple[float, float] = (0.7, 1.4)
@@ -80,6 +86,13 @@ class ExemplarSampler:
         return network_input((patch * gain + offset).clamp(0, 1), self.harmonize)
 
 
+def spread(emb: Tensor) -> float:
+    """Mean squared distance between different rows of (B, D) unit vectors: 2 for random
+    directions in many dimensions, 0 when every image is embedded at one point."""
+    b = emb.shape[0]
+    return (torch.cdist(emb, emb).pow(2).sum() / (b * (b - 1))).item()
+
+
 def triplet_loss(anchor: Tensor, positive: Tensor, *, margin: float, negatives: str) -> tuple[Tensor, float]:
     """(B, D) L2-normalised embeddings -> (loss, retrieval accuracy). Negatives: other rows."""
     b = anchor.shape[0]
@@ -87,9 +100,13 @@ def triplet_loss(anchor: Tensor, positive: Tensor, *, margin: float, negatives: 
     d_aa = torch.cdist(anchor, anchor).pow(2)
     eye = torch.eye(b, dtype=torch.bool, device=anchor.device)
     d_pos = d_ap.diagonal()
-    if negatives == "hardest":
+    if negatives in ("hardest", "semihard"):
         candidates = torch.cat([d_ap.masked_fill(eye, math.inf), d_aa.masked_fill(eye, math.inf)], 1)
-        d_neg = candidates.min(1).values
+        d_neg = candidates.min(1).values  # (B,)
+        if negatives == "semihard":
+            outside = candidates.masked_fill(candidates <= d_pos[:, None], math.inf).min(1).values
+            farthest = candidates.masked_fill(eye.repeat(1, 2), -math.inf).max(1).values
+            d_neg = torch.where(torch.isfinite(outside), outside, farthest)
     else:
         other = (torch.arange(b, device=anchor.device) + torch.randint(1, b, (b,), device=anchor.device)) % b
         d_neg = d_ap[torch.arange(b, device=anchor.device), other]
@@ -112,7 +129,14 @@ class ExemplarHead(TaskHead):
         views = batch["views"]  # (B, 2, 3, P, P)
         emb = self.embed(views.flatten(0, 1), features).view(views.shape[0], 2, -1)
         loss, acc = triplet_loss(emb[:, 0], emb[:, 1], margin=self.margin, negatives=self.negatives)
-        return TaskOutput(loss=loss, metrics={"retrieval_acc": acc})
+        return TaskOutput(loss=loss, metrics={"retrieval_acc": acc, "spread": spread(emb[:, 0])},
+                          chance={"retrieval_acc": 1 / views.shape[0]})
+
+    def collapse(self, metrics: dict[str, float]) -> str | None:
+        if metrics["spread"] < COLLAPSED_SPREAD:
+            return (f"embeddings collapsed: mean squared distance between images "
+                    f"{metrics['spread']:.3f} (random directions: 2.0)")
+        return None
 
 
 TASK = TaskDef(

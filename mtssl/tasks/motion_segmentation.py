@@ -71,7 +71,10 @@ class MotionSegmentationHead(TaskHead):
         pred, true = logits > 0, target > 0.5
         union = (pred | true).sum().item()
         iou = (pred & true).sum().item() / union if union else 1.0
-        return TaskOutput(loss=loss, metrics={"iou": iou})
+        # Chance: the better of two constant answers, "everything moves" and "nothing moves".
+        moving = true.float().mean().item()
+        return TaskOutput(loss=loss, metrics={"iou": iou},
+                          chance={"iou": moving if moving > 0 else 1.0})
 
     @torch.no_grad()
     def predict(self, frame: Tensor, features: Features) -> Tensor:

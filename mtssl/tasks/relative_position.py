@@ -2,8 +2,12 @@
 
 Sampler: resize the image to a random area, lay a 3x3 grid of patches with gaps and jitter
 (the gap and jitter stop the net from matching edges and textures across the border), take
-the centre patch and one neighbour. Head: two residual units per patch, flatten, join the
-pair, three fully connected residual units, 8-way classifier.
+the centre patch and `pairs` of its neighbours, each patch normalised to zero mean and unit
+variance on its own and some randomly downsampled and upsampled again (Doersch et al. 2015
+sec. 4, kept by Doersch & Zisserman 2017 sec. 3: against low-level cues; see README).
+Several pairs share one grid's centre: the image is decoded, resized and its centre patch
+run through the trunk once for all of them. Head: two residual units per patch, flatten,
+join each (centre, neighbour) pair, three fully connected residual units, 8-way classifier.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ class RelativePositionConfig(TaskConfig):
     max_upscale: float = 2.0  # images needing more enlargement than this are skipped as too small
     color_drop: bool = True  # without harmonization: keep one colour channel, noise the others
     fc_width: int = 4096  # width of the fully connected residual units (scaled by trunk width)
+    pairs: int = 8  # (centre, neighbour) pairs per grid: batch_size grids give batch_size * pairs
+    normalize_patches: bool = True  # each patch to zero mean, unit variance on its own
+    downsample_prob: float = 0.3  # chance a patch is shrunk to as few as `downsample_pixels`
+    downsample_pixels: int = 100  # ... total pixels, then enlarged back (against pixel-level cues)
 
     def __post_init__(self):
         super().__post_init__()
@@ -49,6 +57,11 @@ class RelativePositionConfig(TaskConfig):
         require(self.max_pixels >= self.span ** 2, "max_pixels",
                 f"the 3x3 grid needs {self.span}x{self.span} px; max_pixels={self.max_pixels} is too few")
         require(self.max_upscale >= 1.0, "max_upscale", f"must be >= 1, got {self.max_upscale}")
+        require(1 <= self.pairs <= 8, "pairs", f"must be in [1, 8], got {self.pairs}")
+        require(0 <= self.downsample_prob <= 1, "downsample_prob",
+                f"must be in [0, 1], got {self.downsample_prob}")
+        require(4 <= self.downsample_pixels, "downsample_pixels",
+                f"must be >= 4, got {self.downsample_pixels}")
 
     @property
     def span(self) -> int:
@@ -71,28 +84,38 @@ class RelativePositionSampler:
         img = resize(img, (nh, nw))
         y0 = int(rng.integers(c.jitter, nh - c.span + c.jitter + 1))
         x0 = int(rng.integers(c.jitter, nw - c.span + c.jitter + 1))
-        label = int(rng.integers(8))
-        dr, dc = NEIGHBOURS[label]
+        labels = rng.permutation(8)[:c.pairs]
         step = c.patch_size + c.gap
         patches = []
-        for r, col in ((1, 1), (1 + dr, 1 + dc)):
+        for r, col in ((1, 1), *((1 + NEIGHBOURS[k][0], 1 + NEIGHBOURS[k][1]) for k in labels)):
             y = y0 + r * step + int(rng.integers(-c.jitter, c.jitter + 1))
             x = x0 + col * step + int(rng.integers(-c.jitter, c.jitter + 1))
             patches.append(self.transform(to_tensor(img[y:y + c.patch_size, x:x + c.patch_size]), rng))
-        return {"patches": torch.stack(patches).numpy(), "label": np.int64(label)}  # (2, 3, P, P)
+        # (1 + pairs, 3, P, P): the centre, then the neighbours of `label`, in order
+        return {"patches": torch.stack(patches).numpy(), "label": labels.astype(np.int64)}
 
     def transform(self, patch: Tensor, rng: np.random.Generator) -> Tensor:
-        if self.harmonize:
-            return network_input(patch, True)
-        x = network_input(patch, False)
-        if self.cfg.color_drop:
+        c = self.cfg
+        if rng.random() < c.downsample_prob:
+            patch = pixelate(patch, rng.uniform(c.downsample_pixels, patch[0].numel()))
+        x = network_input(patch, self.harmonize)
+        if not self.harmonize and c.color_drop:
             # Chromatic aberration lets a net locate a patch in the lens; one channel hides it.
             keep = int(rng.integers(3))
             for ch in range(3):
                 if ch != keep:
                     noise = rng.normal(0.0, 0.01 * float(x[ch].std()) + 1e-6, x[ch].shape)
                     x[ch] = torch.from_numpy(noise.astype(np.float32))
+        if c.normalize_patches:
+            x = (x - x.mean()) / (x.std() + 1e-3)
         return x
+
+
+def pixelate(patch: Tensor, pixels: float) -> Tensor:
+    """(3, P, P) -> shrunk to about `pixels` pixels in all, then enlarged back to P x P."""
+    side = max(2, int(round(pixels ** 0.5)))
+    small = F.interpolate(patch[None], size=(side, side), mode="area")
+    return F.interpolate(small, size=patch.shape[-2:], mode="bilinear", align_corners=False)[0]
 
 
 def fc_norm(kind: str, dim: int) -> nn.Module:
@@ -124,16 +147,18 @@ class RelativePositionHead(TaskHead):
         self.classify = nn.Sequential(fc_norm(norm, dim), nn.ReLU(), nn.Linear(dim, 8))
 
     def logits(self, patches: Tensor, features: Features) -> Tensor:
-        b = patches.shape[0]  # patches: (B, 2, 3, P, P)
-        maps = self.tower(features(patches.flatten(0, 1)))  # (2B, C, s, s)
-        pair = maps.flatten(1).view(b, -1)  # (B, 2*C*s*s): centre then neighbour
-        return self.classify(self.units(self.join(pair)))  # (B, 8)
+        b, n = patches.shape[:2]  # patches: (B, 1 + K, 3, P, P), centre first
+        maps = self.tower(features(patches.flatten(0, 1))).flatten(1).view(b, n, -1)  # (B, 1+K, D)
+        centre = maps[:, :1].expand(-1, n - 1, -1)  # (B, K, D)
+        pair = torch.cat([centre, maps[:, 1:]], dim=2).flatten(0, 1)  # (B*K, 2D)
+        return self.classify(self.units(self.join(pair)))  # (B*K, 8)
 
     def forward(self, batch: dict[str, Tensor], features: Features) -> TaskOutput:
         logits = self.logits(batch["patches"], features)
-        loss = F.cross_entropy(logits, batch["label"])
-        acc = (logits.argmax(1) == batch["label"]).float().mean().item()
-        return TaskOutput(loss=loss, metrics={"acc": acc})
+        label = batch["label"].flatten()  # (B*K,)
+        loss = F.cross_entropy(logits, label)
+        acc = (logits.argmax(1) == label).float().mean().item()
+        return TaskOutput(loss=loss, metrics={"acc": acc}, chance={"acc": 1 / len(NEIGHBOURS)})
 
 
 def build_head(cfg: RelativePositionConfig, trunk: TrunkInfo) -> RelativePositionHead:
