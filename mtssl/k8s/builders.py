@@ -22,7 +22,7 @@ from mtssl.k8s import APIS, CPU_IMAGE, GPU_IMAGE, TRAINJOB
 from mtssl.validation import ConfigError
 
 APP = "mtssl"
-UID = 10001  # the images' non-root user (images/*/Dockerfile); pods run as it
+UID = 10001  # the images' non-root user (images/Dockerfile); pods run as it
 CONFIG_DIR = "/etc/mtssl"
 CONFIG_FILE = "config.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
