@@ -3,7 +3,11 @@
 Every process counts the devices it holds times the wall seconds it holds them while training
 (a GPU process one `gpu` device, a CPU process one `cpu` device). Time spent on one task's
 gradients goes to that task; time a process spends for all tasks (the optimizer step,
-checkpoints, the coordinator's serving) goes to SHARED. Budget and milestones count all of it.
+checkpoints) goes to SHARED. Budget and milestones count the devices that train: the single
+process's, or in a distributed run the workers'. The distributed coordinator holds no
+accelerator: its time is exported as CPU time (metric label device_type=cpu) and never counted
+as GPU-hours. A run whose workers are CPU processes (the cpu-small profile) counts their CPU
+device-hours against `budget.gpu_hours`, its stand-in for GPU-hours.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 evaluation of every milestone checkpoint on ImageNet-style, PASCAL VOC and NYU depth suites ->
 a report published as KFP metrics, HTML and Markdown.
 
-Every component runs in the mtssl image (Dockerfile) and calls one function of
-mtssl.k8s.stages; compile with `python pipelines/compile.py`, run locally with
-`python pipelines/run_local.py` (see pipelines/README.md).
+Every component runs in one of the mtssl images (images/: the slim CPU one, the CUDA one for
+GPU evaluation) and calls one function of mtssl.k8s.stages; compile with
+`python pipelines/compile.py`, run locally with `python pipelines/run_local.py` (see
+pipelines/README.md). Needs a KFP backend >= MIN_KFP_BACKEND.
 """
 
 import os
@@ -12,8 +13,15 @@ from typing import List, NamedTuple
 
 from kfp import dsl, kubernetes
 
-# The image is fixed at compile time (KFP has no image parameter): MTSSL_IMAGE=... to retag.
-IMAGE = os.environ.get("MTSSL_IMAGE", "mtssl:0.1.0")
+from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, builders
+
+# The IR uses optional secretAsEnv keys and dsl.Collected over artifacts, which KFP backends
+# before 2.15 (Kubeflow 1.10 ships 2.5) reject or mis-run.
+MIN_KFP_BACKEND = "2.15.0"
+# The steps' own images are fixed at compile time (KFP takes a component's image from the IR):
+# MTSSL_CPU_IMAGE / MTSSL_GPU_IMAGE=... to retag. The training pods' images are parameters.
+STEP_CPU_IMAGE = os.environ.get("MTSSL_CPU_IMAGE", CPU_IMAGE)
+STEP_GPU_IMAGE = os.environ.get("MTSSL_GPU_IMAGE", GPU_IMAGE)
 # GPUs per evaluation pod, also fixed at compile time (kfp.local cannot resolve resource
 # settings given as pipeline parameters): MTSSL_EVAL_GPUS=0 for a cluster without GPUs.
 EVAL_GPUS = int(os.environ.get("MTSSL_EVAL_GPUS", "1"))
@@ -22,8 +30,10 @@ S3_REQUIRED = {"endpoint": "MTSSL_S3_ENDPOINT", "access-key": "MTSSL_S3_ACCESS_K
                "secret-key": "MTSSL_S3_SECRET_KEY"}
 S3_OPTIONAL = {"secure": "MTSSL_S3_SECURE", "region": "MTSSL_S3_REGION"}
 ALL_TASKS = ["relative_position", "colorization", "exemplar", "motion_segmentation"]
-# kfp is installed in the image (the `pipeline` extra); no pip install at run time.
-component = dsl.component(base_image=IMAGE, install_kfp_package=False)
+# kfp is installed in the images (the `pipeline` extra); no pip install at run time.
+component = dsl.component(base_image=STEP_CPU_IMAGE, install_kfp_package=False)
+gpu_component = dsl.component(base_image=STEP_GPU_IMAGE if EVAL_GPUS else STEP_CPU_IMAGE,
+                              install_kfp_package=False)
 
 
 @component
@@ -36,16 +46,20 @@ def prepare_data(data: str, prepared: str) -> NamedTuple("Data", images=str, fra
 @component
 def train(config: str, overrides: List[str], images: str, frames: str, tasks: List[str],
           budget_gpu_hours: float, storage: str, launcher: str, profile: str, run: str,
+          job_id: str, namespace: str, data_pvc: str, cpu_image: str, gpu_image: str,
           random_baseline: bool, summary: dsl.Output[dsl.Metrics]
           ) -> NamedTuple("Trained", items=List[dict], storage=str):
     """Launch the run and wait for it; returns what to evaluate (milestones, random init)
     and where the run's checkpoints are."""
     from mtssl.k8s import stages
+    run = stages.run_name(run, job_id)
     overrides = list(overrides) + stages.training_overrides(
         images=images, frames=frames, tasks=tasks, budget_gpu_hours=budget_gpu_hours,
-        storage=storage)
+        storage=storage, run=run)
+    cluster = stages.cluster_options(namespace=namespace, data_claim=data_pvc,
+                                     cpu_image=cpu_image, gpu_image=gpu_image)
     stages.run_mtssl(stages.launch_args(launcher=launcher, config=config, overrides=overrides,
-                                        profile=profile, run=run))
+                                        profile=profile, run=run, cluster=cluster))
     cfg = stages.run_config(launcher=launcher, config=config, overrides=overrides,
                             profile=profile)
     for name, value in stages.training_summary(cfg).items():
@@ -64,6 +78,19 @@ def plan(items: List[dict], eval_sets: List[str], imagenet_data: str, pascal_dat
 
 
 @component
+def cleanup(config: str, overrides: List[str], launcher: str, profile: str, run: str,
+            job_id: str, namespace: str):
+    """The exit handler: delete what the train stage launched (finished, failed or stopped)."""
+    from mtssl.k8s import stages
+    args = stages.cleanup_args(launcher=launcher, config=config, overrides=list(overrides),
+                               profile=profile, run=stages.run_name(run, job_id),
+                               cluster=stages.cluster_options(namespace=namespace, data_claim="",
+                                                              cpu_image="", gpu_image=""))
+    if args:
+        stages.run_mtssl(args)
+
+
+@gpu_component
 def evaluate(item: dict, settings: str, results: dsl.Output[dsl.Artifact],
              metrics: dsl.Output[dsl.Metrics]):
     """One suite on one checkpoint: linear probe (imagenet: top-1/top-5), Faster R-CNN C4
@@ -104,6 +131,12 @@ def _s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
+def _data(task: dsl.PipelineTask, claim) -> dsl.PipelineTask:
+    """The data volume at /data (kfp-kubernetes cannot mount it read-only: give the claim
+    ReadOnlyMany, or trust the steps, which only read it)."""
+    return kubernetes.mount_pvc(task, pvc_name=claim, mount_path=builders.DATA_DIR)
+
+
 def _resources(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
     task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
     if EVAL_GPUS:
@@ -114,7 +147,8 @@ def _resources(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTas
 
 
 @dsl.pipeline(name="mtssl", description="Multi-task self-supervised pre-training (Doersch & "
-              "Zisserman 2017) and its transfer evaluation against GPU-hours.")
+              "Zisserman 2017) and its transfer evaluation against GPU-hours. Needs KFP "
+              f"backend >= {MIN_KFP_BACKEND} (Kubeflow 1.11).")
 def mtssl_pipeline(
         config: str = "quickstart",
         overrides: List[str] = [],
@@ -126,6 +160,10 @@ def mtssl_pipeline(
         launcher: str = "k8s",
         profile: str = "cpu-small",
         run: str = "",
+        namespace: str = "",
+        data_pvc: str = "mtssl-data",
+        cpu_image: str = CPU_IMAGE,
+        gpu_image: str = GPU_IMAGE,
         eval_sets: List[str] = ["imagenet", "pascal", "nyu"],
         imagenet_data: str = "/data/imagenet",
         pascal_data: str = "/data/VOCdevkit/VOC2007",
@@ -135,28 +173,41 @@ def mtssl_pipeline(
     """config: built-in name or YAML path in the image; overrides: extra `--set` values;
     data: 'embedded' or a folder/URI to prepare into `prepared`; budget_gpu_hours: 0 keeps
     the config's; storage: '' keeps the config's (on Kubernetes the profile's
-    s3://mtssl/runs/{name}); launcher: k8s (a cluster) or local (kfp.local runs only)."""
-    prep = _s3(prepare_data(data=data, prepared=prepared))
-    prep.set_cpu_request("2").set_memory_request("4Gi").set_memory_limit("8Gi")
+    s3://mtssl/runs/{name}, {name} being the run); launcher: k8s (a cluster) or local
+    (kfp.local runs only); run: '' names the run after this pipeline run's ID; namespace: ''
+    is the step's own; data_pvc: claim mounted at /data in the data-reading steps and the
+    training pods; cpu_image/gpu_image: the training pods' images."""
+    job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    cleaned = cleanup(config=config, overrides=overrides, launcher=launcher, profile=profile,
+                      run=run, job_id=job_id, namespace=namespace)
+    cleaned.set_caching_options(False)
+    with dsl.ExitHandler(cleaned, name="run"):
+        prep = _data(_s3(prepare_data(data=data, prepared=prepared)), data_pvc)
+        prep.set_cpu_request("2").set_memory_request("4Gi").set_memory_limit("8Gi")
 
-    trained = _s3(train(config=config, overrides=overrides, images=prep.outputs["images"],
-                        frames=prep.outputs["frames"], tasks=tasks,
-                        budget_gpu_hours=budget_gpu_hours, storage=storage, launcher=launcher,
-                        profile=profile, run=run, random_baseline=random_baseline))
-    # The launcher only talks to the API server; the run's own pods do the training.
-    trained.set_cpu_request("500m").set_memory_request("1Gi").set_memory_limit("2Gi")
-    trained.set_caching_options(False)  # always follow the run: it may have been resumed
-    kubernetes.set_timeout(trained, 30 * 24 * 3600)
+        trained = _s3(train(config=config, overrides=overrides, images=prep.outputs["images"],
+                            frames=prep.outputs["frames"], tasks=tasks,
+                            budget_gpu_hours=budget_gpu_hours, storage=storage,
+                            launcher=launcher, profile=profile, run=run, job_id=job_id,
+                            namespace=namespace, data_pvc=data_pvc, cpu_image=cpu_image,
+                            gpu_image=gpu_image, random_baseline=random_baseline))
+        # The launcher only talks to the API server; the run's own pods do the training.
+        trained.set_cpu_request("500m").set_memory_request("1Gi").set_memory_limit("2Gi")
+        trained.set_caching_options(False)  # always follow the run: it may have been resumed
+        kubernetes.set_timeout(trained, 30 * 24 * 3600)
 
-    planned = plan(items=trained.outputs["items"], eval_sets=eval_sets,
-                   imagenet_data=imagenet_data, pascal_data=pascal_data, nyu_data=nyu_data)
-    # One task definition for all suites, sized for the largest (PASCAL fine-tuning).
-    with dsl.ParallelFor(planned.output, parallelism=4) as item:
-        evaluated = _resources(evaluate(item=item, settings=eval_settings), "8", "32Gi")
+        planned = plan(items=trained.outputs["items"], eval_sets=eval_sets,
+                       imagenet_data=imagenet_data, pascal_data=pascal_data, nyu_data=nyu_data)
+        # One task definition for all suites, sized for the largest (PASCAL fine-tuning).
+        with dsl.ParallelFor(planned.output, parallelism=4) as item:
+            evaluated = _data(_resources(evaluate(item=item, settings=eval_settings), "8",
+                                         "32Gi"), data_pvc)
 
-    published = _s3(report(storage=trained.outputs["storage"], eval_sets=eval_sets,
-                           imagenet_data=imagenet_data, pascal_data=pascal_data,
-                           nyu_data=nyu_data, settings=eval_settings,
-                           random_baseline=random_baseline, summary=trained.outputs["summary"],
-                           results=dsl.Collected(evaluated.outputs["results"])))
-    published.set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("16Gi")
+        published = _data(_s3(report(storage=trained.outputs["storage"], eval_sets=eval_sets,
+                                     imagenet_data=imagenet_data, pascal_data=pascal_data,
+                                     nyu_data=nyu_data, settings=eval_settings,
+                                     random_baseline=random_baseline,
+                                     summary=trained.outputs["summary"],
+                                     results=dsl.Collected(evaluated.outputs["results"]))),
+                          data_pvc)
+        published.set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("16Gi")

@@ -1,5 +1,7 @@
-"""The Dockerfile, tested without a container engine: it parses, pins its base and torch,
-installs exactly as the README says from exactly the files it copies, and runs as non-root."""
+"""images/Dockerfile (the CPU and CUDA images), tested without a container engine: it parses,
+pins its base and torch, installs the dependencies before it copies the code and then exactly
+as the README says from exactly the files it copies, and runs as non-root with a read-only root
+filesystem in mind."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mtssl.k8s import builders
+from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, builders
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dockerfile():
     parse = pytest.importorskip("dockerfile_parse", reason="pip install dockerfile-parse")
-    return parse.DockerfileParser(path=str(ROOT / "Dockerfile"))
+    return parse.DockerfileParser(path=str(ROOT / "images" / "Dockerfile"))
 
 
 def instructions(df, name: str) -> list[str]:
@@ -42,15 +44,34 @@ def install_command(df) -> str:
 
 def test_base_image_and_torch_are_pinned(dockerfile):
     from packaging.requirements import Requirement
-    base = dockerfile.baseimage
+    (base,) = [f.split()[0] for f in instructions(dockerfile, "FROM") if ":" in f]
     assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base
     deps = {Requirement(d).name: Requirement(d) for d in pyproject()["project"]["dependencies"]}
     for pkg, arg in (("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION")):
-        pinned = dockerfile.args[arg]
+        (pinned,) = [a.split("=", 1)[1] for a in instructions(dockerfile, "ARG")
+                     if a.startswith(f"{arg}=")]  # global ARGs, before the first FROM
         assert re.fullmatch(r"\d+\.\d+\.\d+", pinned)
         assert deps[pkg].specifier.contains(pinned), f"{pkg}=={pinned} outside {deps[pkg]}"
-    (torch_run,) = [r for r in instructions(dockerfile, "RUN") if "torch==" in r]
-    assert '"torch==${TORCH_VERSION}"' in torch_run
+    cpu, cuda = [r for r in instructions(dockerfile, "RUN") if "torch==" in r]
+    assert all('"torch==${TORCH_VERSION}"' in r for r in (cpu, cuda))
+    assert "download.pytorch.org/whl/cpu" in cpu and "--index-url" not in cuda
+
+
+def test_one_dockerfile_builds_the_cpu_and_the_cuda_image_the_manifests_name(dockerfile):
+    stages = [f.split() for f in instructions(dockerfile, "FROM")]
+    assert [s[-1] for s in stages if "AS" in s] == ["python", "torch-cpu", "torch-cuda"]
+    assert stages[-1] == ["torch-${FLAVOUR}"]
+    text = (ROOT / "images" / "Dockerfile").read_text()
+    for flavour, image in (("cpu", CPU_IMAGE), ("cuda", GPU_IMAGE)):
+        assert f"--build-arg FLAVOUR={flavour} -t {image} ." in text
+
+
+def test_dependencies_are_installed_before_the_code_is_copied(dockerfile):
+    order = [(i["instruction"], i["value"]) for i in dockerfile.structure
+             if i["instruction"] in ("COPY", "RUN")]
+    deps = next(i for i, (k, v) in enumerate(order) if k == "RUN" and "requirements" in v)
+    code = next(i for i, (k, v) in enumerate(order) if k == "COPY" and "mtssl" in v.split())
+    assert order[deps - 1] == ("COPY", "pyproject.toml ./") and deps < code
 
 
 def test_install_is_the_readmes_and_names_real_extras(dockerfile):
@@ -110,4 +131,8 @@ def test_runs_as_the_non_root_user_the_pods_expect(dockerfile):
     order = [i["instruction"] for i in dockerfile.structure if i["instruction"] != "COMMENT"]
     assert "RUN" not in order[order.index("USER"):]
     assert json.loads(instructions(dockerfile, "ENTRYPOINT")[-1]) == ["mtssl"]
+    # with a read-only root filesystem, everything written goes under the pods' /tmp emptyDir
+    env = dockerfile.envs
+    assert all(env[k].startswith(builders.TMP_DIR) for k in (
+        "HOME", "MPLCONFIGDIR", "XDG_CACHE_HOME", "TORCH_HOME"))
     assert pyproject()["project"]["scripts"]["mtssl"] == "mtssl.cli:main"

@@ -1,8 +1,10 @@
-"""`mtssl launch --k8s` against a local HTTP server that replays Kubernetes API responses.
+"""`mtssl launch --k8s` against a local HTTP server that replays Kubernetes API responses, for
+both layouts: Kubeflow Trainer v2 (tests/fixtures/k8s/trainjob) and Training Operator v1
+(tests/fixtures/k8s/pytorchjob).
 
-No API server runs here. The responses in tests/fixtures/k8s are written by hand in the API
-server's JSON formats (see each file's "about"), served in order per (method, path) by a
-loopback server; the real `kubernetes` client talks to it over HTTP.
+No API server runs here. The responses are written by hand in the API server's JSON formats
+(see each file's "about"), served in order per (method, path) by a loopback server; the real
+`kubernetes` client talks to it over HTTP.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 
 pytest.importorskip("kubernetes", reason="the k8s extra is not installed (pip install '.[k8s]')")
 
-from mtssl.k8s import builders  # noqa: E402
+from mtssl.k8s import PYTORCHJOB, TRAINJOB, base, builders, trainjob  # noqa: E402
 from mtssl.k8s.launcher import LaunchError, Launcher  # noqa: E402
 from mtssl.k8s.profiles import run_spec  # noqa: E402
 
@@ -40,6 +42,7 @@ class Replay:
 
     def __init__(self, fixture: str, objects: list[dict]):
         data = json.loads((FIXTURES / f"{fixture}.json").read_text())
+        assert data["about"].startswith("Written by hand")
         self.queues: dict[tuple[str, str], deque] = defaultdict(deque)
         for ex in data["exchanges"]:
             self.queues[(ex["method"], ex["path"])].append(ex)
@@ -82,7 +85,8 @@ def replay():
     servers = []
 
     def start(fixture: str, spec=None) -> tuple[Replay, str]:
-        spec = spec or make_spec()
+        """fixture: '<layout>/<scenario>', e.g. 'trainjob/create_then_succeeded'."""
+        spec = spec or make_spec(fixture.split("/")[0])
         state = Replay(fixture, builders.run_objects(spec))
 
         class Handler(BaseHTTPRequestHandler):
@@ -112,8 +116,8 @@ def replay():
         server.server_close()
 
 
-def make_spec():
-    return run_spec("cpu-small", namespace=NS)
+def make_spec(api: str = TRAINJOB):
+    return run_spec("cpu-small", namespace=NS, api=api)
 
 
 def api_client(url: str):
@@ -123,9 +127,9 @@ def api_client(url: str):
     return client.ApiClient(conf)
 
 
-def launcher(url: str, out=None, spec=None) -> Launcher:
-    return Launcher(spec or make_spec(), api_client=api_client(url), out=out or io.StringIO(),
-                    poll_s=0, sleep=lambda s: None)
+def launcher(url: str, out=None, spec=None, api: str = TRAINJOB) -> Launcher:
+    return Launcher(spec or make_spec(api), api_client=api_client(url),
+                    out=out or io.StringIO(), poll_s=0, sleep=lambda s: None)
 
 
 def posted(state: Replay, kind_path: str) -> list[dict]:
@@ -133,8 +137,13 @@ def posted(state: Replay, kind_path: str) -> list[dict]:
             and r["path"].endswith(kind_path)]
 
 
+# --- Kubeflow Trainer v2 layout (the default) ----------------------------------------------
+
+T = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/mtssl"
+
+
 def test_launcher_against_replayed_api_create_then_watch_to_succeeded(replay):
-    state, url = replay("create_then_succeeded")
+    state, url = replay("trainjob/create_then_succeeded")
     out = io.StringIO()
     la = launcher(url, out)
     assert la.submit() == "created"
@@ -144,6 +153,119 @@ def test_launcher_against_replayed_api_create_then_watch_to_succeeded(replay):
     # what went over the wire is exactly what the manifests are generated from
     sent = [r["body"] for r in state.requests if r["method"] == "POST"]
     assert sent == builders.run_objects(make_spec())
+    assert [b["kind"] for b in sent] == ["ConfigMap", "TrainingRuntime", "TrainJob"]
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("[")]
+    assert len(lines) == 4  # one per change: queued, running, a whole-run restart, done
+    assert "coordinator suspended" in lines[0] and "run restarts 0/6" in lines[0]
+    assert "coordinator running" in lines[1] and "colorization 1/1 running" in lines[1]
+    assert "run restarts 1/6" in lines[2]
+    assert "coordinator succeeded" in lines[3] and "exemplar 0/1 succeeded" in lines[3]
+    pods = [r for r in state.requests if r["path"].endswith("/pods")]
+    assert {q for r in pods for q in r["query"]["labelSelector"]} == {
+        "app.kubernetes.io/name=mtssl,mtssl/run=quickstart"}
+
+
+def test_launcher_against_replayed_api_already_exists_resumes_instead_of_duplicating(replay):
+    state, url = replay("trainjob/already_exists_resumed")
+    out = io.StringIO()
+    la = launcher(url, out)
+    assert la.submit() == "resumed"
+    assert la.watch().succeeded
+    assert {r["method"] for r in state.requests} == {"GET", "POST"}
+    assert state.unexpected == [] and state.remaining() == []
+    assert posted(state, "/configmaps") == []  # same config: not even posted
+    assert out.getvalue().count("already exists: adopting it") == 2
+
+
+@pytest.mark.parametrize("fixture,reason", [
+    ("watch_to_failed", "ReachedMaxRestarts: jobset failed due to reaching max number of "
+                        "restarts (first failed job: mtssl-quickstart-exemplar-0)"),
+    ("config_error_fails_at_once", "FailJobSetFailurePolicyAction: applying FailJobSet failure "
+                                   "policy action (first failed job: "
+                                   "mtssl-quickstart-coordinator-0)")])
+def test_launcher_against_replayed_api_watch_to_failed_surfaces_the_reason(replay, fixture,
+                                                                           reason):
+    state, url = replay(f"trainjob/{fixture}")
+    la = launcher(url)
+    la.submit()
+    with pytest.raises(LaunchError) as err:
+        la.watch()
+    assert f"TrainJob mtssl-quickstart {reason}" in str(err.value)
+    assert state.unexpected == [] and state.remaining() == []
+
+
+def test_launcher_against_replayed_api_watch_to_failed_names_the_pod_reason(replay):
+    state, url = replay("trainjob/watch_to_failed")
+    la = launcher(url)
+    la.submit()
+    with pytest.raises(LaunchError, match=r"exemplar-0-0-q0abc OOMKilled"):
+        la.watch()
+
+
+def test_launcher_against_replayed_api_403_explains_and_rolls_back(replay):
+    state, url = replay("trainjob/forbidden_403")
+    with pytest.raises(LaunchError) as err:
+        launcher(url).submit()
+    msg = str(err.value)
+    assert "403 Forbidden" in msg and 'cannot create resource "trainjobs"' in msg
+    assert "manifests/base" in msg
+    deleted = [r["path"].rsplit("/", 2)[-2:] for r in state.requests if r["method"] == "DELETE"]
+    assert deleted == [["trainingruntimes", "mtssl-quickstart"],
+                       ["configmaps", "mtssl-quickstart-config"]]
+    assert state.unexpected == [] and state.remaining() == []
+
+
+def test_launcher_against_replayed_api_restarts_finished_run_with_new_config(replay):
+    state, url = replay("trainjob/restart_finished_with_new_config")
+    assert launcher(url).submit() == "resumed"
+    assert state.unexpected == [] and state.remaining() == []
+    put = [r for r in state.requests if r["method"] == "PUT"]
+    assert len(put) == 1 and put[0]["body"] == builders.config_map(make_spec())
+    order = [(r["method"], r["path"]) for r in state.requests]
+    # the old objects are deleted, and seen gone, before the new ones are posted
+    gone = max(i for i, o in enumerate(order) if o == ("GET", f"{T}/trainjobs/mtssl-quickstart"))
+    assert order.index(("DELETE", f"{T}/trainjobs/mtssl-quickstart")) < gone < order.index(
+        ("POST", f"{T}/trainingruntimes"))
+    assert posted(state, "/trainjobs") == [trainjob.train_job(make_spec())]
+
+
+def test_launcher_against_replayed_api_refuses_active_run_with_other_config(replay):
+    state, url = replay("trainjob/active_with_other_config")
+    with pytest.raises(LaunchError, match="active in mtssl with a different config"):
+        launcher(url).submit()
+    assert [r["method"] for r in state.requests] == ["GET", "GET"]
+
+
+def test_launcher_against_replayed_api_cancel_then_cleanup(replay):
+    state, url = replay("trainjob/cancel_and_cleanup")
+    la = launcher(url)
+    assert la.cancel() == ["TrainJob mtssl-quickstart", "TrainingRuntime mtssl-quickstart"]
+    assert la.cleanup() == ["ConfigMap mtssl-quickstart-config"]
+    assert state.unexpected == [] and state.remaining() == []
+    policies = {q for r in state.requests for q in r["query"]["propagationPolicy"]}
+    assert policies == {"Background"}  # JobSet, Jobs and pods go with the TrainJob
+
+
+def test_launcher_against_replayed_api_attach_to_a_missing_run_fails(replay):
+    state, url = replay("trainjob/attach_to_missing_run")
+    with pytest.raises(LaunchError, match="no run 'quickstart' in namespace mtssl"):
+        launcher(url).watch()
+    assert state.unexpected == [] and state.remaining() == []
+
+
+# --- Training Operator v1 layout (--api pytorchjob) ---------------------------------------
+
+def test_v1_launcher_against_replayed_api_create_then_watch_to_succeeded(replay):
+    state, url = replay("pytorchjob/create_then_succeeded")
+    out = io.StringIO()
+    la = launcher(url, out, api=PYTORCHJOB)
+    assert la.submit() == "created"
+    final = la.watch()
+    assert final.succeeded and final.coordinator == "succeeded"
+    assert state.unexpected == [] and state.remaining() == []
+    # what went over the wire is exactly what the manifests are generated from
+    sent = [r["body"] for r in state.requests if r["method"] == "POST"]
+    assert sent == builders.run_objects(make_spec(PYTORCHJOB))
     lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("[")]
     assert len(lines) == 3  # one per change: running, a restart, succeeded
     assert "coordinator running" in lines[0] and "colorization 1/1 running" in lines[0]
@@ -156,10 +278,10 @@ def test_launcher_against_replayed_api_create_then_watch_to_succeeded(replay):
         "app.kubernetes.io/name=mtssl,mtssl/run=quickstart"}
 
 
-def test_launcher_against_replayed_api_already_exists_resumes_instead_of_duplicating(replay):
-    state, url = replay("already_exists_resumed")
+def test_v1_launcher_against_replayed_api_already_exists_resumes_instead_of_duplicating(replay):
+    state, url = replay("pytorchjob/already_exists_resumed")
     out = io.StringIO()
-    la = launcher(url, out)
+    la = launcher(url, out, api=PYTORCHJOB)
     assert la.submit() == "resumed"
     assert la.watch().succeeded
     methods = {r["method"] for r in state.requests}
@@ -171,9 +293,9 @@ def test_launcher_against_replayed_api_already_exists_resumes_instead_of_duplica
     assert "resumed run 'quickstart'" in out.getvalue()
 
 
-def test_launcher_against_replayed_api_watch_to_failed_surfaces_the_reason(replay):
-    state, url = replay("watch_to_failed")
-    la = launcher(url)
+def test_v1_launcher_against_replayed_api_watch_to_failed_surfaces_the_reason(replay):
+    state, url = replay("pytorchjob/watch_to_failed")
+    la = launcher(url, api=PYTORCHJOB)
     la.submit()
     with pytest.raises(LaunchError) as err:
         la.watch()
@@ -185,11 +307,11 @@ def test_launcher_against_replayed_api_watch_to_failed_surfaces_the_reason(repla
     assert state.unexpected == []
 
 
-def test_launcher_against_replayed_api_403_explains_and_rolls_back(replay):
-    state, url = replay("forbidden_403")
+def test_v1_launcher_against_replayed_api_403_explains_and_rolls_back(replay):
+    state, url = replay("pytorchjob/forbidden_403")
     out = io.StringIO()
     with pytest.raises(LaunchError) as err:
-        launcher(url, out).submit()
+        launcher(url, out, api=PYTORCHJOB).submit()
     msg = str(err.value)
     assert "403 Forbidden" in msg and 'cannot create resource "pytorchjobs"' in msg
     assert "manifests/base" in msg  # says which Role the launcher needs
@@ -200,29 +322,29 @@ def test_launcher_against_replayed_api_403_explains_and_rolls_back(replay):
     assert state.unexpected == [] and state.remaining() == []
 
 
-def test_launcher_against_replayed_api_restarts_finished_run_with_new_config(replay):
-    state, url = replay("restart_finished_with_new_config")
-    assert launcher(url).submit() == "resumed"
+def test_v1_launcher_against_replayed_api_restarts_finished_run_with_new_config(replay):
+    state, url = replay("pytorchjob/restart_finished_with_new_config")
+    assert launcher(url, api=PYTORCHJOB).submit() == "resumed"
     assert state.unexpected == [] and state.remaining() == []
     put = [r for r in state.requests if r["method"] == "PUT"]
-    assert len(put) == 1 and put[0]["body"] == builders.config_map(make_spec())
+    assert len(put) == 1 and put[0]["body"] == builders.config_map(make_spec(PYTORCHJOB))
     # the old objects are gone before the new ones are posted
     order = [(r["method"], r["path"].split("/")[-1]) for r in state.requests]
     assert order.index(("DELETE", "mtssl-quickstart-coordinator")) < order.index(("POST", "jobs"))
     assert [b["metadata"]["name"] for b in posted(state, "/pytorchjobs")] == [
-        builders.job_name("quickstart", t) for t, _ in make_spec().tasks]
+        builders.job_name("quickstart", t) for t, _ in make_spec(PYTORCHJOB).tasks]
 
 
-def test_launcher_against_replayed_api_refuses_active_run_with_other_config(replay):
-    state, url = replay("active_with_other_config")
+def test_v1_launcher_against_replayed_api_refuses_active_run_with_other_config(replay):
+    state, url = replay("pytorchjob/active_with_other_config")
     with pytest.raises(LaunchError, match="active in mtssl with a different config"):
-        launcher(url).submit()
+        launcher(url, api=PYTORCHJOB).submit()
     assert [r["method"] for r in state.requests] == ["GET", "GET"]
 
 
-def test_launcher_against_replayed_api_cancel_then_cleanup(replay):
-    state, url = replay("cancel_and_cleanup")
-    la = launcher(url)
+def test_v1_launcher_against_replayed_api_cancel_then_cleanup(replay):
+    state, url = replay("pytorchjob/cancel_and_cleanup")
+    la = launcher(url, api=PYTORCHJOB)
     cancelled = la.cancel()
     assert cancelled == ["PyTorchJob mtssl-quickstart-motion-segmentation",
                          "PyTorchJob mtssl-quickstart-colorization",
@@ -235,10 +357,10 @@ def test_launcher_against_replayed_api_cancel_then_cleanup(replay):
     assert policies == {"Background"}  # pods go with their jobs
 
 
-def test_launcher_against_replayed_api_attach_to_a_missing_run_fails(replay):
-    state, url = replay("attach_to_missing_run")
+def test_v1_launcher_against_replayed_api_attach_to_a_missing_run_fails(replay):
+    state, url = replay("pytorchjob/attach_to_missing_run")
     with pytest.raises(LaunchError, match="no run 'quickstart' in namespace mtssl"):
-        launcher(url).watch()
+        launcher(url, api=PYTORCHJOB).watch()
     assert state.unexpected == [] and state.remaining() == []
 
 
@@ -257,7 +379,7 @@ def use_kubeconfig(tmp_path, monkeypatch, url, *, namespace=None):
 def test_launch_command_against_replayed_api_via_kubeconfig(replay, tmp_path, monkeypatch,
                                                             capsys):
     from mtssl.cli import main
-    state, url = replay("create_then_succeeded")
+    state, url = replay("trainjob/create_then_succeeded")
     use_kubeconfig(tmp_path, monkeypatch, url, namespace=NS)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert main(["launch", "--k8s", "--poll-s", "0"]) == 0
@@ -268,10 +390,11 @@ def test_launch_command_against_replayed_api_via_kubeconfig(replay, tmp_path, mo
 def test_launch_command_against_replayed_api_403_exits_1(replay, tmp_path, monkeypatch,
                                                         capsys):
     from mtssl.cli import main
-    _, url = replay("forbidden_403")
+    _, url = replay("pytorchjob/forbidden_403")
     use_kubeconfig(tmp_path, monkeypatch, url)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    assert main(["launch", "--k8s", "--namespace", NS, "--poll-s", "0"]) == 1
+    assert main(["launch", "--k8s", "--api", "pytorchjob", "--namespace", NS,
+                 "--poll-s", "0"]) == 1
     assert "Forbidden" in capsys.readouterr().err
 
 
@@ -298,22 +421,24 @@ def test_role_grants_exactly_the_calls_the_launcher_makes(replay):
         la.submit()
         la.watch()
     actions = {"create_then_succeeded": follow, "already_exists_resumed": follow,
-               "watch_to_failed": follow, "forbidden_403": Launcher.submit,
+               "watch_to_failed": follow, "config_error_fails_at_once": follow,
+               "forbidden_403": Launcher.submit,
                "restart_finished_with_new_config": Launcher.submit,
                "active_with_other_config": Launcher.submit,
                "cancel_and_cleanup": lambda la: (la.cancel(), la.cleanup()),
                "attach_to_missing_run": Launcher.watch}
-    assert set(actions) == {p.stem for p in FIXTURES.glob("*.json")}
+    fixtures = {f"{p.parent.name}/{p.stem}" for p in FIXTURES.glob("*/*.json")}
     used = set()
-    for fixture, action in actions.items():
+    for fixture in sorted(fixtures):
+        api, scenario = fixture.split("/")
         state, url = replay(fixture)
         try:
-            action(launcher(url))
+            actions[scenario](launcher(url, api=api))
         except LaunchError:
             pass
         assert state.unexpected == [], fixture
         used |= api_calls(state.requests)
-    role = next(o for o in builders.launcher_rbac() if o["kind"] == "Role")
+    role = next(o for o in base.launcher_rbac() if o["kind"] == "Role")
     granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
                for r in rule["resources"] for v in rule["verbs"]}
     assert used == granted

@@ -18,7 +18,9 @@ RULES = PROM / "mtssl-rules.yaml"
 RULE_TESTS = PROM / "mtssl-rules.test.yaml"
 DASHBOARD = ROOT / "monitoring" / "grafana" / "mtssl-training.json"
 # Metrics the dashboard may read that other exporters provide, with their source.
-EXTERNAL_METRICS = {"kube_pod_container_status_restarts_total": "kube-state-metrics"}
+EXTERNAL_METRICS = {"kube_pod_container_status_restarts_total": "kube-state-metrics",
+                    "kube_pod_status_phase": "kube-state-metrics",
+                    "kube_job_failed": "kube-state-metrics"}
 # Grafana substitutes these before a query reaches Prometheus.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$namespace": ".*", "$run": "quickstart"}
 
@@ -35,7 +37,7 @@ def promtool(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess:
 def test_promtool_check_rules():
     out = promtool("check", "rules", RULES.name)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 5 rules found" in out.stdout
+    assert "SUCCESS: 8 rules found" in out.stdout
 
 
 def test_promtool_unit_tests_pass():
@@ -44,24 +46,55 @@ def test_promtool_unit_tests_pass():
     assert "SUCCESS" in out.stdout
 
 
-def test_rules_cover_both_budget_thresholds_and_stalls():
-    rules = {r.get("alert") or r.get("record"): r
-             for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
-    assert ">= 0.8" in rules["MtsslGpuBudget80Percent"]["expr"]
-    assert ">= 1" in rules["MtsslGpuBudgetExhausted"]["expr"]
-    assert "mtssl_last_step_timestamp_seconds" in rules["MtsslTrainingStalled"]["expr"]
+def rule_tests() -> dict:
+    return yaml.safe_load(RULE_TESTS.read_text())
+
+
+def test_every_alert_has_unit_tests_that_fire_it_and_that_keep_it_quiet():
+    alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"]
+              for r in g["rules"] if "alert" in r}
+    assert alerts == {"MtsslGpuBudget80Percent", "MtsslGpuBudgetReached",
+                      "MtsslTrainingPastBudget", "MtsslTrainingStalled", "MtsslRunNotTraining",
+                      "MtsslJobFailed"}
+    cases = [c for t in rule_tests()["tests"] for c in t.get("alert_rule_test", [])]
+    for alert in alerts:
+        assert any(c["alertname"] == alert and c["exp_alerts"] for c in cases), alert
+        assert any(c["alertname"] == alert and not c["exp_alerts"] for c in cases), alert
+
+
+def test_budget_reached_is_informational_and_only_training_past_it_is_critical():
+    rules = {r.get("alert"): r for g in yaml.safe_load(RULES.read_text())["groups"]
+             for r in g["rules"]}
+    assert rules["MtsslGpuBudgetReached"]["labels"]["severity"] == "info"
+    assert rules["MtsslTrainingPastBudget"]["labels"]["severity"] == "critical"
+    assert "mtssl_steps_total" in rules["MtsslTrainingPastBudget"]["expr"]
+    # the series-absent alert works from kube-state-metrics, not from mtssl's own series
+    assert "kube_pod_status_phase" in rules["MtsslRunNotTraining"]["expr"]
 
 
 @pytest.mark.parametrize("old,new", [
     ("mtssl:gpu_budget_used:ratio >= 0.8", "mtssl:gpu_budget_used:ratio >= 0.7"),
-    ("mtssl:gpu_budget_used:ratio >= 1\n", "mtssl:gpu_budget_used:ratio > 1\n"),
+    ("expr: mtssl:gpu_budget_used:ratio >= 1\n", "expr: mtssl:gpu_budget_used:ratio > 1\n"),
+    ("severity: info", "severity: critical"),
+    # past-budget without the "still stepping" clause fires for a slow final checkpoint
+    ("            and on (namespace, run)\n          sum by (namespace, run) "
+     "(rate(mtssl_steps_total{role!=\"worker\"}[5m])) > 0\n", ""),
+    ("for: 10m", "for: 1m"),
     ("> 900", "> 1800"),
-    ("for: 5m", "for: 1m"),
+    ("for: 5m\n        labels:\n          severity: warning",
+     "for: 1m\n        labels:\n          severity: warning"),
     ("unless on (namespace, run) (mtssl:gpu_budget_used:ratio >= 1)", ""),
+    ("            unless on (namespace, pod)\n          min by (namespace, pod) "
+     "(time() - mtssl_last_step_timestamp_seconds) < 900\n", ""),
+    ('phase=~"Pending|Running"', 'phase="Running"'),
+    ("for: 15m", "for: 5m"),
+    (', condition="true"', ""),
+    ("for: 5m\n        labels:\n          severity: critical",
+     "for: 1m\n        labels:\n          severity: critical"),
 ])
 def test_unit_tests_fail_when_a_rule_is_broken(tmp_path, old, new):
     text = RULES.read_text()
-    assert old in text
+    assert text.count(old) == 1, old
     (tmp_path / RULES.name).write_text(text.replace(old, new))
     shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
     out = promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
@@ -123,6 +156,23 @@ def test_dashboard_shows_what_the_issue_asks_for():
               "Pod restarts": ("kube_pod_container_status_restarts_total",)}
     for title, names in wanted.items():
         assert all(n in text[title] for n in names), title
+
+
+def test_dashboard_counts_each_step_and_sample_once():
+    """Workers count their share of the steps the coordinator counts for the whole run:
+    adding both would double the rate, so step/sample panels read the coordinator (or the
+    single-process trainer) only."""
+    for panel in dashboard()["panels"]:
+        for t in panel["targets"]:
+            if re.search(r"mtssl_(samples_total|steps_total|step_duration_seconds)", t["expr"]):
+                assert 'role!="worker"' in t["expr"], panel["title"]
+
+
+def test_dashboard_separates_gpu_hours_from_cpu_hours():
+    exprs = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in dashboard()["panels"]}
+    device = [(title, e) for title, e in exprs.items() if "mtssl_device_seconds_total" in e]
+    assert sorted("gpu" if 'device_type="gpu"' in e else "cpu" if 'device_type="cpu"' in e
+                  else "mixed" for _, e in device) == ["cpu", "gpu"]
 
 
 def test_dashboard_queries_parse_with_promtool(tmp_path):

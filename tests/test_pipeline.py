@@ -13,7 +13,7 @@ import yaml
 
 from mtssl.checkpoint import CheckpointStore
 from mtssl.config import load_config
-from mtssl.k8s import stages
+from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, stages
 from mtssl.storage import open_storage
 from mtssl.validation import ConfigError
 
@@ -56,8 +56,12 @@ def test_ir_check_notices_a_change(tmp_path):
 def test_ui_parameters(ir):
     params = ir["pipeline"]["root"]["inputDefinitions"]["parameters"]
     for name in ("config", "data", "budget_gpu_hours", "tasks", "eval_sets", "imagenet_data",
-                 "pascal_data", "nyu_data", "overrides", "storage", "launcher"):
+                 "pascal_data", "nyu_data", "overrides", "storage", "launcher", "run",
+                 "namespace", "data_pvc", "cpu_image", "gpu_image"):
         assert name in params, name
+    assert params["run"]["defaultValue"] == ""  # named after the pipeline run's ID
+    assert params["cpu_image"]["defaultValue"] == CPU_IMAGE
+    assert params["gpu_image"]["defaultValue"] == GPU_IMAGE
     assert params["tasks"]["defaultValue"] == ["relative_position", "colorization", "exemplar",
                                                "motion_segmentation"]
     assert params["eval_sets"]["defaultValue"] == ["imagenet", "pascal", "nyu"]
@@ -66,7 +70,10 @@ def test_ui_parameters(ir):
 
 def test_stages_run_in_the_image_with_resources_and_secrets(ir):
     executors = ir["pipeline"]["deploymentSpec"]["executors"]
-    assert {e["container"]["image"] for e in executors.values()} == {"mtssl:0.1.0"}
+    # the CUDA image only where a GPU is used; the slim CPU one everywhere else
+    assert {n: e["container"]["image"] for n, e in executors.items()} == {
+        "exec-evaluate": GPU_IMAGE, **{f"exec-{n}": CPU_IMAGE for n in (
+            "prepare-data", "train", "plan", "report", "cleanup")}}
     # no pip install at run time: kfp comes with the image
     assert not any("pip install" in " ".join(e["container"]["command"])
                    for e in executors.values())
@@ -82,14 +89,34 @@ def test_stages_run_in_the_image_with_resources_and_secrets(ir):
             "MTSSL_S3_ENDPOINT"
         assert {s["secretName"] for s in secrets} == {"mtssl-s3"}
     assert "value" not in json.dumps(ir["platform"])  # references only, never secret values
+    # every step that reads data sees the data_pvc parameter's claim at /data
+    for name in ("exec-prepare-data", "exec-evaluate", "exec-report"):
+        (mount,) = platform[name]["pvcMount"]
+        assert mount["mountPath"] == "/data"
+        assert mount["pvcNameParameter"] == {"componentInputParameter":
+                                             "pipelinechannel--data_pvc"}
 
 
-def test_dag_order(ir):
-    tasks = ir["pipeline"]["root"]["dag"]["tasks"]
+def test_minimum_kfp_backend_is_stated_in_the_pipeline_and_the_readme(ir):
+    minimum = load_script("mtssl_pipeline").MIN_KFP_BACKEND
+    assert f">= {minimum}" in ir["pipeline"]["pipelineInfo"]["description"]
+    assert f"KFP backend >= {minimum}" in (ROOT / "pipelines" / "README.md").read_text()
+
+
+def test_dag_order_inside_an_exit_handler_that_cleans_up(ir):
+    root = ir["pipeline"]["root"]["dag"]["tasks"]
+    # cleanup runs after the handler's tasks whatever their outcome (stopped runs included)
+    assert root["cleanup"]["dependentTasks"] == ["exit-handler-1"]
+    assert root["cleanup"]["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
+    tasks = ir["pipeline"]["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     assert tasks["train"]["dependentTasks"] == ["prepare-data"]
     assert tasks["plan"]["dependentTasks"] == ["train"]
-    assert set(tasks["report"]["dependentTasks"]) >= {"for-loop-1", "train"}
-    assert ir["pipeline"]["root"]["dag"]["tasks"]["train"]["cachingOptions"] == {}
+    assert set(tasks["report"]["dependentTasks"]) >= {"for-loop-2", "train"}
+    assert tasks["train"]["cachingOptions"] == {}
+    # both take the pipeline run's ID to name the run
+    for task in (root["cleanup"], tasks["train"]):
+        assert task["inputs"]["parameters"]["job_id"] == {
+            "runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
 
 
 # --- stage functions ------------------------------------------------------------------------
@@ -97,24 +124,43 @@ def test_dag_order(ir):
 def test_training_overrides_enable_exactly_the_chosen_tasks():
     out = stages.training_overrides(images="embedded", frames="embedded",
                                     tasks=["colorization", "exemplar"], budget_gpu_hours=2.5,
-                                    storage="s3://b/runs/{name}")
-    cfg = load_config("quickstart", [o for o in out if not o.startswith("output.storage")])
+                                    storage="s3://b/runs/{name}", run="r1")
+    cfg = load_config("quickstart", out)
     assert cfg.enabled_tasks() == ["colorization", "exemplar"]
     assert cfg.budget.gpu_hours == 2.5
-    assert "output.storage=s3://b/runs/{name}" in out
+    assert cfg.name == "r1" and cfg.storage_uri == "s3://b/runs/r1"
     no_budget = stages.training_overrides(images="x", frames="y", tasks=["exemplar"],
-                                          budget_gpu_hours=0, storage="")
+                                          budget_gpu_hours=0, storage="", run="r1")
     assert not any(o.startswith(("budget.", "output.")) for o in no_budget)
     with pytest.raises(ConfigError, match="tasks"):
         stages.training_overrides(images="x", frames="y", tasks=["jigsaw"],
-                                  budget_gpu_hours=0, storage="")
+                                  budget_gpu_hours=0, storage="", run="r1")
+
+
+def test_two_pipeline_runs_get_their_own_run_and_checkpoints():
+    a = stages.run_name("", "8f14e45f-ceea-467a-9af0-2c5a0c5ffb3a")
+    b = stages.run_name("", "c9f0f895-fb98-4b91-9b4f-6a7a3c1f9d02")
+    assert a != b and a == stages.run_name("", "8f14e45f-ceea-467a-9af0-2c5a0c5ffb3a")
+    assert stages.run_name("mine", "8f14e45f") == "mine"
+    from mtssl.k8s.profiles import run_spec
+    specs = [run_spec("cpu-small", run=r, overrides=tuple(stages.training_overrides(
+        images="embedded", frames="embedded", tasks=["exemplar"], budget_gpu_hours=0,
+        storage="", run=r))) for r in (a, b)]  # a valid run name, each its own storage prefix
+    assert specs[0].config.storage_uri == f"s3://mtssl/runs/{a}" != specs[1].config.storage_uri
 
 
 def test_launch_args_for_both_launchers():
+    cluster = stages.cluster_options(namespace="team", data_claim="mtssl-data",
+                                     cpu_image="r/c:1", gpu_image="")
     assert stages.launch_args(launcher="k8s", config="paper", overrides=["a=1"],
-                              profile="gpu-paper", run="p1") == [
+                              profile="gpu-paper", run="p1", cluster=cluster) == [
         "launch", "--k8s", "--config", "paper", "--set", "a=1", "--profile", "gpu-paper",
-        "--run", "p1"]
+        "--run", "p1", "--namespace", "team", "--data-claim", "mtssl-data", "--cpu-image",
+        "r/c:1"]
+    assert stages.cleanup_args(launcher="k8s", config="paper", overrides=[],
+                               profile="gpu-paper", run="p1", cluster=[])[-1] == "--cleanup"
+    assert stages.cleanup_args(launcher="local", config="paper", overrides=[],
+                               profile="", run="p1", cluster=[]) is None
     assert stages.launch_args(launcher="local", config="quickstart", overrides=[], profile="x",
                               run="") == ["launch", "--local", "--config", "quickstart",
                                           "--resume"]

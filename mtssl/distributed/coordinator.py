@@ -21,7 +21,9 @@ Faults: a failed collective stops the run: the other groups finish their round a
 the coordinator checkpoints its last consistent state and exits non-zero; workers cut off
 from the coordinator fail at once (closed sockets) or after distributed.timeout_s.
 Device-seconds: workers report theirs with every round; totals per task live in the state
-(and checkpoints); the coordinator's own time is SHARED. Time after the last checkpoint of a
+(and checkpoints) and are what the budget and milestones count. The coordinator's own time is
+CPU time on a pod without an accelerator: it is exported (mtssl_device_seconds_total, task
+SHARED, device_type cpu) but never counted as GPU-hours. Time after the last checkpoint of a
 coordinator that crashes is lost with the work done in it.
 """
 
@@ -105,7 +107,7 @@ class Coordinator(TrainingRun):
                 log.error("stopping without saving, the last good checkpoint is kept")
                 raise self.error
             with self.lock:
-                self.account(SHARED, self.clock.lap())
+                self.cpu_seconds(self.clock.lap())
                 self.publish_totals()
                 self.save()
         finally:
@@ -116,6 +118,10 @@ class Coordinator(TrainingRun):
         self.stop_reason = self.stop_reason or "max_steps"
         log.info("stopped at step %d (%s)", self.state.step, self.stop_reason)
         return self.stop_reason
+
+    def cpu_seconds(self, seconds: float) -> None:
+        """The coordinator's own time: a CPU-hour metric, not in the run's GPU-hour totals."""
+        self.metrics.device_seconds(SHARED, seconds)
 
     def greet(self) -> None:
         """Every worker must run the same model and data config as the coordinator."""
@@ -199,7 +205,7 @@ class Coordinator(TrainingRun):
         """Log and checkpoint once the run's step has advanced (lock held)."""
         cfg, step = self.cfg, self.state.step
         self.state.wall_s = self.wall_at_start + time.perf_counter() - self.t0
-        self.account(SHARED, self.clock.lap())
+        self.cpu_seconds(self.clock.lap())
         if step % cfg.output.log_every == 0 or step == cfg.schedule.max_steps:
             seconds = time.perf_counter() - self.t_window
             record = {**self.window.record(step, scale, seconds),

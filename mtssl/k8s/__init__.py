@@ -2,4 +2,12 @@
 
 from mtssl import __version__
 
-IMAGE = f"mtssl:{__version__}"  # the Dockerfile's image; retag with kustomize `images:`
+# The two images of images/ (retag with kustomize `images:` or --cpu-image/--gpu-image): the
+# slim CPU one runs the coordinator, CPU workers and pipeline steps; the CUDA one GPU workers
+# and GPU evaluation.
+CPU_IMAGE = f"mtssl-cpu:{__version__}"
+GPU_IMAGE = f"mtssl-cuda:{__version__}"
+# The run layouts `mtssl launch --k8s --api` creates: Kubeflow Trainer v2 (a TrainJob and its
+# TrainingRuntime) or Training Operator v1 (a Job and one PyTorchJob per task).
+TRAINJOB, PYTORCHJOB = "trainjob", "pytorchjob"
+APIS = (TRAINJOB, PYTORCHJOB)

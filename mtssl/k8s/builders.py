@@ -1,7 +1,11 @@
-"""The Kubernetes objects of one training run, as plain dicts.
+"""What every layout of a training run shares, as plain dicts: the run's spec, names, labels,
+its config ConfigMap and the pod templates of the coordinator and the workers.
 
-`manifests/generate.py` and `mtssl launch --k8s` both build from here, so what
-`kubectl apply -k` creates and what the launcher creates cannot drift apart.
+Two layouts build on these pod templates: Kubeflow Trainer v2 (`mtssl.k8s.trainjob`: a
+TrainingRuntime and a TrainJob) and Training Operator v1 (`mtssl.k8s.pytorchjob`: a Job,
+a Service and one PyTorchJob per task). `manifests/generate.py` and `mtssl launch --k8s`
+both build from here, so what `kubectl apply -k` creates and what the launcher creates
+cannot drift apart.
 """
 
 from __future__ import annotations
@@ -14,31 +18,37 @@ import yaml
 from mtssl.config import Config, to_dict
 from mtssl.distributed import env as envvars
 from mtssl.distributed.launch import Role, roles
-from mtssl.k8s import IMAGE
+from mtssl.k8s import APIS, CPU_IMAGE, GPU_IMAGE, TRAINJOB
 from mtssl.validation import ConfigError
 
 APP = "mtssl"
-UID = 10001  # the image's non-root user (Dockerfile); pods run as it
+UID = 10001  # the images' non-root user (images/Dockerfile); pods run as it
 CONFIG_DIR = "/etc/mtssl"
 CONFIG_FILE = "config.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 SCRATCH_DIR = "/scratch"  # emptyDir: logs and reports; checkpoints go to output.storage
+TMP_DIR = "/tmp"  # emptyDir: the root filesystem is read-only (images set HOME and caches here)
 DATA_DIR = "/data"  # read-only data volume (data_claim), e.g. data.images=/data/imagenet/train
 METRICS_PORT = 9400
 LAUNCHER_SA = "mtssl-launcher"
-PYTORCHJOB = {"group": "kubeflow.org", "version": "v1", "plural": "pytorchjobs"}
-WORKER_CONTAINER = "pytorch"  # the training operator injects its env into this container name
-REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
+# kind -> (group, version, plural) of the custom resources the launcher reads or writes
+CUSTOM = {"TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
+          "TrainingRuntime": ("trainer.kubeflow.org", "v1alpha1", "trainingruntimes"),
+          "JobSet": ("jobset.x-k8s.io", "v1alpha2", "jobsets"),
+          "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs")}
 LABEL_NAME, LABEL_RUN, LABEL_ROLE, LABEL_TASK = (
     "app.kubernetes.io/name", "mtssl/run", "mtssl/role", "mtssl/task")
+# Kubeflow profile namespaces inject Istio sidecars; a sidecar would hold a finished Job's pod
+# open and sit between gloo peers, so training pods opt out.
+POD_LABELS = {"sidecar.istio.io/inject": "false"}
 # Secret key -> environment variable read by mtssl.storage; optional keys may be absent.
 S3_SECRET_KEYS = {"endpoint": "MTSSL_S3_ENDPOINT", "access-key": "MTSSL_S3_ACCESS_KEY",
                   "secret-key": "MTSSL_S3_SECRET_KEY", "secure": "MTSSL_S3_SECURE",
                   "region": "MTSSL_S3_REGION"}
 S3_OPTIONAL = ("secure", "region")
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-# The operator names worker Services '<job>-worker-<i>' (<= 63 chars): with the longest task
-# name ('motion-segmentation') and up to 99 workers that leaves 24 characters for the run.
+# Pod host names and the v1 operator's worker Services ('mtssl-<run>-motion-segmentation-...')
+# must fit 63 characters: with the longest task name that leaves 24 for the run.
 MAX_RUN_CHARS = 24
 
 
@@ -61,19 +71,25 @@ class RunSpec:
     """One run on a cluster: its config plus where and how its pods run."""
     run: str
     config: Config
-    image: str = IMAGE
+    api: str = TRAINJOB
+    cpu_image: str = CPU_IMAGE
+    gpu_image: str = GPU_IMAGE
     namespace: str | None = None
     worker: Resources = field(default_factory=Resources)
     coordinator: Resources = field(default_factory=Resources)
     s3_secret: str = "mtssl-s3"
     data_claim: str | None = None
-    coordinator_backoff_limit: int = 6
-    worker_backoff_limit: int = 20
+    queue: str | None = None  # Kueue LocalQueue that admits the TrainJob as one workload
+    max_restarts: int = 6  # trainjob: whole-run restarts (each resumes the latest checkpoint)
+    coordinator_backoff_limit: int = 6  # pytorchjob layout only
+    worker_backoff_limit: int = 20  # pytorchjob layout only
 
     def __post_init__(self):
         if not _DNS_LABEL.match(self.run) or len(self.run) > MAX_RUN_CHARS:
             raise ConfigError("run", f"{self.run!r} must be lowercase letters, digits and '-', "
                                      f"start with a letter, at most {MAX_RUN_CHARS} characters")
+        if self.api not in APIS:
+            raise ConfigError("api", f"must be one of {APIS}, got {self.api!r}")
         if not self.config.storage_uri.startswith("s3://"):
             raise ConfigError("output.storage", "on Kubernetes checkpoints must outlive pods: "
                               "set output.storage=s3://bucket/prefix (credentials come from "
@@ -88,8 +104,11 @@ class RunSpec:
     def port(self) -> int:
         return self.config.distributed.port
 
+    def image(self, resources: Resources) -> str:
+        return self.gpu_image if resources.gpus else self.cpu_image
 
-# --- names and commands -------------------------------------------------------------------
+
+# --- names --------------------------------------------------------------------------------
 
 def config_map_name(run: str) -> str:
     return f"mtssl-{run}-config"
@@ -103,16 +122,18 @@ def job_name(run: str, task: str) -> str:
     return f"mtssl-{run}-{task.replace('_', '-')}"
 
 
-def pod_roles(spec: RunSpec) -> dict[str | None, Role]:
-    """The local launcher's roles as the pods run them (same `mtssl` arguments and variables),
-    by task (None: the coordinator). The coordinator always resumes: a replaced pod continues
-    from the latest checkpoint, and a fresh run starts at step 0."""
-    plan = roles(spec.config, config=CONFIG_PATH, overrides=[], addr=coordinator_name(spec.run),
-                 port=spec.port, run=spec.run, metrics_base=0, resume=True)
-    out: dict[str | None, Role] = {}
-    for role in plan:
-        out.setdefault(role.env.get(envvars.TASK), role)  # a task's workers differ by index only
-    return out
+def trainjob_name(run: str) -> str:
+    """The TrainJob, its TrainingRuntime and the JobSet Trainer makes of them."""
+    return f"mtssl-{run}"
+
+
+def coordinator_address(spec: RunSpec) -> str:
+    """Where workers find the coordinator: JobSet's host name of the coordinator's pod (job 0,
+    index 0, on the JobSet's headless Service), or the v1 layout's Service."""
+    if spec.api == TRAINJOB:
+        name = trainjob_name(spec.run)
+        return f"{name}-coordinator-0-0.{name}"
+    return coordinator_name(spec.run)
 
 
 def labels(run: str, role: str, task: str | None = None) -> dict[str, str]:
@@ -126,28 +147,42 @@ def run_selector(run: str) -> str:
     return f"{LABEL_NAME}={APP},{LABEL_RUN}={run}"
 
 
-def _meta(spec: RunSpec, name: str, lbls: dict) -> dict:
-    meta = {"name": name, "labels": dict(lbls)}
+def meta(spec: RunSpec, name: str, lbls: dict) -> dict:
+    out = {"name": name, "labels": dict(lbls)}
     if spec.namespace:
-        meta["namespace"] = spec.namespace
-    return meta
+        out["namespace"] = spec.namespace
+    return out
 
 
 # --- pods ---------------------------------------------------------------------------------
+
+def pod_roles(spec: RunSpec) -> dict[str | None, Role]:
+    """The local launcher's roles as the pods run them (same `mtssl` arguments and variables),
+    by task (None: the coordinator). The coordinator always resumes: a replaced pod continues
+    from the latest checkpoint, and a fresh run starts at step 0."""
+    plan = roles(spec.config, config=CONFIG_PATH, overrides=[], addr=coordinator_address(spec),
+                 port=spec.port, run=spec.run, metrics_base=0, resume=True)
+    out: dict[str | None, Role] = {}
+    for role in plan:
+        out.setdefault(role.env.get(envvars.TASK), role)  # a task's workers differ by index only
+    return out
+
 
 def config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _env(spec: RunSpec, role: Role) -> list[dict]:
+def _env(spec: RunSpec, role: Role, index_field: str | None) -> list[dict]:
     env = []
     for name, value in role.env.items():
-        if name == envvars.INDEX:  # one template for all replicas: the operator's index label
-            env.append({"name": name, "valueFrom": {"fieldRef": {
-                "fieldPath": f"metadata.labels['{REPLICA_INDEX_LABEL}']"}}})
+        if name == envvars.INDEX:  # one template for all replicas: the controller's index
+            env.append({"name": name, "valueFrom": {"fieldRef": {"fieldPath": index_field}}})
         else:  # every pod serves metrics on the same port, named for the PodMonitor
             env.append({"name": name, "value": str(METRICS_PORT)
                         if name == envvars.METRICS_PORT else value})
+    # One OpenMP thread per requested core (rounded up), not one per core of the node.
+    env.append({"name": "OMP_NUM_THREADS", "valueFrom": {"resourceFieldRef": {
+        "resource": "requests.cpu", "divisor": "1"}}})
     for key, var in S3_SECRET_KEYS.items():
         ref = {"name": spec.s3_secret, "key": key}
         if key in S3_OPTIONAL:
@@ -158,9 +193,10 @@ def _env(spec: RunSpec, role: Role) -> list[dict]:
 
 def _volumes(spec: RunSpec, shm: bool) -> tuple[list[dict], list[dict]]:
     volumes = [{"name": "config", "configMap": {"name": config_map_name(spec.run)}},
-               {"name": "scratch", "emptyDir": {}}]
+               {"name": "scratch", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-              {"name": "scratch", "mountPath": SCRATCH_DIR}]
+              {"name": "scratch", "mountPath": SCRATCH_DIR},
+              {"name": "tmp", "mountPath": TMP_DIR}]
     if shm:  # data-loader processes pass batches through /dev/shm (64 MiB by default)
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -171,146 +207,51 @@ def _volumes(spec: RunSpec, shm: bool) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
-def pod_spec(spec: RunSpec, *, container: str, role: Role, resources: Resources,
-             ports: list[dict], restart_policy: str | None, grace_s: int) -> dict:
-    worker = envvars.TASK in role.env
-    volumes, mounts = _volumes(spec, shm=worker and spec.config.data.num_workers > 0)
+def pod_template(spec: RunSpec, task: str | None, *, container: str,
+                 index_field: str | None = None, restart_policy: str | None = None) -> dict:
+    """The pod template of the coordinator (task None) or of one task's workers, as every
+    layout uses it. `index_field`: the downward-API field holding a worker's index;
+    `restart_policy`: None where the layout's controller sets it."""
+    role = pod_roles(spec)[task]
+    resources = spec.worker if task else spec.coordinator
+    ports = [{"name": "metrics", "containerPort": METRICS_PORT}]
+    if task is None:
+        ports.insert(0, {"name": "rendezvous", "containerPort": spec.port})
+    volumes, mounts = _volumes(spec, shm=bool(task) and spec.config.data.num_workers > 0)
     pod = {
         # training pods never call the API server: no token in them
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": grace_s,
+        # the coordinator writes its final checkpoint on SIGTERM; workers just leave
+        "terminationGracePeriodSeconds": 30 if task else 120,
         "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID,
                             "fsGroup": UID, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [{
-            "name": container, "image": spec.image, "args": list(role.args),
-            "env": _env(spec, role), "ports": ports,
+            "name": container, "image": spec.image(resources), "args": list(role.args),
+            "env": _env(spec, role, index_field), "ports": ports,
             "resources": resources.to_k8s(), "volumeMounts": mounts,
-            "securityContext": {"allowPrivilegeEscalation": False,
+            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                 "capabilities": {"drop": ["ALL"]}},
         }],
         "volumes": volumes,
     }
-    if restart_policy:  # PyTorchJob pods get theirs from the replica spec
+    if restart_policy:
         pod["restartPolicy"] = restart_policy
     if resources.gpus:
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
                                "effect": "NoSchedule"}]
-    return pod
+    lbls = labels(spec.run, "worker" if task else "coordinator", task)
+    return {"metadata": {"labels": {**lbls, **POD_LABELS}}, "spec": pod}
 
 
 # --- run objects --------------------------------------------------------------------------
 
 def config_map(spec: RunSpec) -> dict:
     return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": _meta(spec, config_map_name(spec.run), labels(spec.run, "config")),
+            "metadata": meta(spec, config_map_name(spec.run), labels(spec.run, "config")),
             "data": {CONFIG_FILE: config_yaml(spec.config)}}
 
 
-def coordinator_service(spec: RunSpec) -> dict:
-    lbls = labels(spec.run, "coordinator")
-    return {"apiVersion": "v1", "kind": "Service",
-            "metadata": _meta(spec, coordinator_name(spec.run), lbls),
-            "spec": {"selector": {LABEL_RUN: spec.run, LABEL_ROLE: "coordinator"},
-                     # workers must reach a restarted coordinator before it reports ready
-                     "publishNotReadyAddresses": True,
-                     "ports": [{"name": "rendezvous", "port": spec.port,
-                                "targetPort": "rendezvous"},
-                               {"name": "metrics", "port": METRICS_PORT,
-                                "targetPort": "metrics"}]}}
-
-
-def coordinator_job(spec: RunSpec) -> dict:
-    """A Job, not a Deployment: a run ends, and a Deployment would restart a finished one.
-    OnFailure restarts a crashed container in place; a lost pod is replaced by the Job
-    controller; either way `--resume` reloads the latest checkpoint."""
-    lbls = labels(spec.run, "coordinator")
-    ports = [{"name": "rendezvous", "containerPort": spec.port},
-             {"name": "metrics", "containerPort": METRICS_PORT}]
-    pod = pod_spec(spec, container="coordinator", role=pod_roles(spec)[None],
-                   resources=spec.coordinator, ports=ports, restart_policy="OnFailure",
-                   grace_s=120)
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": _meta(spec, coordinator_name(spec.run), lbls),
-            "spec": {"backoffLimit": spec.coordinator_backoff_limit, "completions": 1,
-                     "parallelism": 1,
-                     "template": {"metadata": {"labels": lbls}, "spec": pod}}}
-
-
-def pytorch_job(spec: RunSpec, task: str, workers: int) -> dict:
-    """One task's worker pool. Workers hold no state of their own (parameters come from the
-    coordinator), so OnFailure restarts and replacement pods just rejoin; cleanPodPolicy
-    Running removes leftovers at the end but keeps failed pods for their logs."""
-    lbls = labels(spec.run, "worker", task)
-    pod = pod_spec(spec, container=WORKER_CONTAINER, role=pod_roles(spec)[task],
-                   resources=spec.worker,
-                   ports=[{"name": "metrics", "containerPort": METRICS_PORT}],
-                   restart_policy=None, grace_s=30)
-    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-            "metadata": _meta(spec, job_name(spec.run, task), lbls),
-            "spec": {"runPolicy": {"backoffLimit": spec.worker_backoff_limit,
-                                   "cleanPodPolicy": "Running"},
-                     "pytorchReplicaSpecs": {"Worker": {
-                         "replicas": workers, "restartPolicy": "OnFailure",
-                         "template": {"metadata": {"labels": lbls}, "spec": pod}}}}}
-
-
 def run_objects(spec: RunSpec) -> list[dict]:
-    """What `mtssl launch --k8s` creates, in creation order."""
-    return ([config_map(spec), coordinator_service(spec), coordinator_job(spec)]
-            + [pytorch_job(spec, t, n) for t, n in spec.tasks])
-
-
-# --- shared, run-independent objects (manifests/base) ---------------------------------------
-
-# (apiGroup, resource) -> verbs: exactly the calls mtssl.k8s.launcher makes.
-LAUNCHER_RULES = {
-    ("", "configmaps"): ["get", "create", "update", "delete"],  # update: resume, new config
-    ("", "services"): ["get", "create", "delete"],
-    ("", "pods"): ["list"],
-    ("batch", "jobs"): ["get", "create", "delete"],
-    ("kubeflow.org", "pytorchjobs"): ["get", "list", "create", "delete"],
-}
-
-
-def launcher_rbac(namespace: str | None = None) -> list[dict]:
-    def meta(name):
-        m = {"name": name, "labels": {LABEL_NAME: APP}}
-        if namespace:
-            m["namespace"] = namespace
-        return m
-    subject = {"kind": "ServiceAccount", "name": LAUNCHER_SA}
-    if namespace:
-        subject["namespace"] = namespace
-    rules = [{"apiGroups": [g], "resources": [r], "verbs": list(v)}
-             for (g, r), v in LAUNCHER_RULES.items()]
-    return [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(LAUNCHER_SA)},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-             "metadata": meta(LAUNCHER_SA), "rules": rules},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-             "metadata": meta(LAUNCHER_SA),
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                         "name": LAUNCHER_SA},
-             "subjects": [subject]}]
-
-
-def pod_monitor() -> dict:
-    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
-            "metadata": {"name": "mtssl", "labels": {LABEL_NAME: APP}},
-            "spec": {"selector": {"matchLabels": {LABEL_NAME: APP}},
-                     "podMetricsEndpoints": [{"port": "metrics", "interval": "15s",
-                                              "path": "/metrics"}]}}
-
-
-def prometheus_rule(groups: list[dict]) -> dict:
-    """`groups` as in a Prometheus rule file (monitoring/prometheus/mtssl-rules.yaml)."""
-    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
-            "metadata": {"name": "mtssl", "labels": {LABEL_NAME: APP}},
-            "spec": {"groups": groups}}
-
-
-def dashboard_config_map(name: str, dashboard_json: str) -> dict:
-    """Grafana's dashboard sidecar loads ConfigMaps labelled grafana_dashboard: "1"."""
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "mtssl-grafana-dashboard",
-                         "labels": {LABEL_NAME: APP, "grafana_dashboard": "1"}},
-            "data": {name: dashboard_json}}
+    """What `mtssl launch --k8s` creates for the spec's layout, in creation order."""
+    from mtssl.k8s import pytorchjob, trainjob
+    return (trainjob if spec.api == TRAINJOB else pytorchjob).run_objects(spec)

@@ -14,6 +14,7 @@ from pathlib import Path
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 K8S_EPILOG = """Kubernetes examples:
   mtssl launch --k8s                                     # profile cpu-small: the quickstart
+  mtssl launch --k8s --api pytorchjob                    # on Training Operator v1 instead
   mtssl launch --k8s --profile gpu-paper                 # paper config, 4 GPUs per task
   mtssl launch --k8s --attach                            # follow a run launched before
   mtssl launch --k8s --cancel                            # stop it (checkpoints stay)
@@ -23,17 +24,24 @@ Launching a run that exists resumes it (from its latest checkpoint) instead of d
 
 
 def add_k8s_arguments(p: argparse.ArgumentParser) -> None:
-    from mtssl.k8s import IMAGE
+    from mtssl.k8s import APIS, CPU_IMAGE, GPU_IMAGE, TRAINJOB
     g = p.add_argument_group("Kubernetes (--k8s)")
     g.add_argument("--k8s", action="store_true",
-                   help="run the coordinator and one PyTorchJob per task on a cluster")
+                   help="run the coordinator and every task's workers on a cluster")
+    g.add_argument("--api", choices=APIS, default=TRAINJOB,
+                   help="trainjob (default): a TrainJob + TrainingRuntime of Kubeflow Trainer "
+                        "v2; pytorchjob: a Job + one PyTorchJob per task (Training Operator v1)")
     g.add_argument("--profile", default="cpu-small",
                    help="cluster settings and config, as in manifests/overlays/<profile>: "
                         "cpu-small (default) or gpu-paper; --config replaces the config")
     g.add_argument("--namespace", help="default: the kube context's namespace, else 'mtssl'")
     g.add_argument("--context", help="kubeconfig context (default: current; in a pod: its own)")
     g.add_argument("--run", help="run name for object names and metrics (default: config name)")
-    g.add_argument("--image", default=IMAGE, help=f"container image (default: {IMAGE})")
+    g.add_argument("--cpu-image", default=CPU_IMAGE,
+                   help=f"image of the coordinator and CPU workers (default: {CPU_IMAGE})")
+    g.add_argument("--gpu-image", default=GPU_IMAGE,
+                   help=f"image of GPU workers (default: {GPU_IMAGE})")
+    g.add_argument("--queue", help="Kueue LocalQueue admitting the TrainJob as one workload")
     g.add_argument("--s3-secret", default="mtssl-s3",
                    help="Secret with keys endpoint, access-key, secret-key[, secure, region]")
     g.add_argument("--data-claim", help="PersistentVolumeClaim mounted read-only at /data")
@@ -82,8 +90,9 @@ def run_k8s(args: argparse.Namespace) -> int:
     if getattr(args, "out", None):
         raise ConfigError("output.dir", "--out is for --local; on Kubernetes logs go to the "
                                         "pod's /scratch and checkpoints to output.storage")
-    fields = {"namespace": args.namespace or default_namespace(args.context),
-              "image": args.image, "s3_secret": args.s3_secret}
+    fields = {"namespace": args.namespace or default_namespace(args.context), "api": args.api,
+              "cpu_image": args.cpu_image, "gpu_image": args.gpu_image,
+              "s3_secret": args.s3_secret, "queue": args.queue}
     if args.data_claim:
         fields["data_claim"] = args.data_claim
     spec = run_spec(args.profile, config=args.config, overrides=tuple(args.overrides),

@@ -7,6 +7,7 @@ stage runs the same `mtssl` commands a user would type.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import subprocess
 import sys
@@ -49,14 +50,22 @@ def prepare(*, data: str, prepared: str) -> tuple[str, str]:
 
 # --- training -------------------------------------------------------------------------------
 
+def run_name(run: str, job_id: str) -> str:
+    """The run's name: `run` if given, else one derived from the KFP pipeline run's ID, so two
+    submissions of the pipeline never share objects, metrics or checkpoints."""
+    return run or "kfp-" + hashlib.sha1(job_id.encode()).hexdigest()[:12]
+
+
 def training_overrides(*, images: str, frames: str, tasks: list[str], budget_gpu_hours: float,
-                       storage: str) -> list[str]:
-    """`--set` values for the pipeline's parameters (budget 0: none; storage '': the config's)."""
+                       storage: str, run: str) -> list[str]:
+    """`--set` values for the pipeline's parameters (budget 0: none; storage '': the config's).
+    The config's name becomes the run's: `{name}` in output paths (the profiles' checkpoint
+    prefix s3://mtssl/runs/{name}) then names this run's own place."""
     from mtssl.tasks import TASKS
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks:
         raise ConfigError("tasks", f"choose one or more of {list(TASKS)}, got {list(tasks)}")
-    out = [f"data.images={images}", f"data.frames={frames}"]
+    out = [f"name={run}", f"data.images={images}", f"data.frames={frames}"]
     out += [f"tasks.{t}.enabled={'true' if t in tasks else 'false'}" for t in TASKS]
     if budget_gpu_hours < 0:
         raise ConfigError("budget.gpu_hours",
@@ -68,18 +77,37 @@ def training_overrides(*, images: str, frames: str, tasks: list[str], budget_gpu
     return out
 
 
+def cluster_options(*, namespace: str, data_claim: str, cpu_image: str,
+                    gpu_image: str) -> list[str]:
+    """`mtssl launch --k8s` options for the pipeline's cluster parameters ('': the default)."""
+    values = {"--namespace": namespace, "--data-claim": data_claim, "--cpu-image": cpu_image,
+              "--gpu-image": gpu_image}
+    return [a for flag, value in values.items() if value for a in (flag, value)]
+
+
 def launch_args(*, launcher: str, config: str, overrides: list[str], profile: str,
-                run: str) -> list[str]:
+                run: str, cluster: list[str] = ()) -> list[str]:
     """`mtssl launch` arguments: both launchers wait for the run and fail if it fails."""
     if launcher not in LAUNCHERS:
         raise ConfigError("launcher", f"must be one of {LAUNCHERS}, got {launcher!r}")
     args = ["launch", f"--{launcher}", "--config", config]
     args += [a for o in overrides for a in ("--set", o)]
     if launcher == "k8s":
-        args += ["--profile", profile] + (["--run", run] if run else [])
+        args += ["--profile", profile, "--run", run, *cluster]
     else:
         args.append("--resume")  # a retried stage continues the run instead of restarting it
     return args
+
+
+def cleanup_args(*, launcher: str, config: str, overrides: list[str], profile: str, run: str,
+                 cluster: list[str]) -> list[str] | None:
+    """`mtssl launch --k8s --cleanup` for the pipeline's exit handler: deletes the run's
+    TrainJob (its pods with it), runtime and ConfigMap, whether the pipeline succeeded, failed
+    or was stopped; checkpoints stay in storage. None: a local run leaves nothing behind."""
+    if launcher != "k8s":
+        return None
+    return launch_args(launcher=launcher, config=config, overrides=overrides, profile=profile,
+                       run=run, cluster=cluster) + ["--cleanup"]
 
 
 def run_config(*, launcher: str, config: str, overrides: list[str], profile: str):
