@@ -116,7 +116,7 @@ def test_s3_contract(s3_bucket):
 
 def test_s3_missing_bucket_is_a_clear_error(s3_bucket):
     st = S3Storage(s3_bucket, **FAST)
-    with pytest.raises(StorageError, match="create_bucket=True") as info:
+    with pytest.raises(StorageError, match="--create-bucket") as info:
         st.put_bytes("k", b"x")
     assert not isinstance(info.value, NotFound)
 
