@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import TINY
 from PIL import Image
+from s3_emulator import SECRET_KEY, FaultyProxy, free_port, s3_bucket, s3_emulator, s3_env  # noqa: F401
 
 from mtssl.checkpoint import CheckpointStore
 from mtssl.cli import main
@@ -294,3 +295,38 @@ def test_s3_endpoint_unset_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MTSSL_S3_ENDPOINT", raising=False)
     code, text = run_main(capsys, cli_args("train", tmp_path / "run", "output.storage=s3://b/r"))
     assert code == 2 and "MTSSL_S3_ENDPOINT" in one_line_error(text)
+
+
+# --- preflight of S3 storage (the emulator) ---------------------------------------------------
+
+def s3_train_args(tmp_path, bucket: str, extra=()) -> list[str]:
+    return cli_args("train", tmp_path / "run", f"output.storage=s3://{bucket}/run",
+                    "schedule.max_steps=1", extra=extra)
+
+
+def test_missing_bucket_is_refused_before_compute_and_create_bucket_creates_it(
+        tmp_path, capsys, s3_bucket):
+    code, text = run_main(capsys, s3_train_args(tmp_path, s3_bucket))
+    assert code == 2 and "--create-bucket" in one_line_error(text)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert main(s3_train_args(tmp_path, s3_bucket, extra=["--create-bucket"])) == 0
+    assert CheckpointStore(open_storage(f"s3://{s3_bucket}/run")).load_latest()[1] == 1
+
+
+def test_wrong_credentials_are_one_line_without_secrets(tmp_path, capsys, s3_emulator, s3_bucket,
+                                                       monkeypatch):
+    with FaultyProxy(s3_emulator.endpoint, failures=1000, status=403) as proxy:
+        monkeypatch.setenv("MTSSL_S3_ENDPOINT", proxy.endpoint)
+        code, text = run_main(capsys, s3_train_args(tmp_path, s3_bucket))
+    line = one_line_error(text)
+    assert code == 2 and "AccessDenied" in line and SECRET_KEY not in text
+
+
+def test_unreachable_endpoint_fails_after_the_configured_retry_window(tmp_path, capsys, s3_env,
+                                                                      s3_bucket, monkeypatch):
+    monkeypatch.setenv("MTSSL_S3_ENDPOINT", f"127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("MTSSL_S3_RETRY_S", "2")
+    t0 = time.monotonic()
+    code, text = run_main(capsys, s3_train_args(tmp_path, s3_bucket))
+    assert code == 2 and "storage check failed" in one_line_error(text)
+    assert 1 <= time.monotonic() - t0 < 30

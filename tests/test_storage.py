@@ -7,7 +7,8 @@ import pytest
 from mtssl import storage as storage_mod
 from mtssl.storage import (LocalStorage, NotFound, S3Config, S3Storage, StorageError,
                            open_storage, s3_config_from_env)
-from s3_emulator import (ACCESS_KEY, SECRET_KEY, FaultyProxy, free_port, s3_bucket,  # noqa: F401
+from s3_emulator import (ACCESS_KEY, SECRET_KEY, FaultyProxy, free_port,  # noqa: F401
+                         persistent_s3_emulator, s3_bucket,
                          s3_emulator, s3_env)
 
 FAST = dict(max_attempts=3, backoff_s=0.01, backoff_max_s=0.05)
@@ -195,3 +196,25 @@ def test_s3_create_bucket_is_idempotent(s3_bucket):
     S3Storage(s3_bucket, create_bucket=True).put_bytes("k", b"1")
     again = S3Storage(s3_bucket, create_bucket=True)
     assert again.get_bytes("k") == b"1"
+
+
+def test_s3_save_survives_an_emulator_restart(persistent_s3_emulator, monkeypatch):
+    """The store is down for 10 s during a save (killed, then restarted): the default retry
+    window (MTSSL_S3_RETRY_S, 90 s) covers it; the former ~6 s of retries did not."""
+    import threading
+    import time
+    for k, v in persistent_s3_emulator.env().items():
+        monkeypatch.setenv(k, v)
+    st = S3Storage("restart", "p", create_bucket=True)
+    st.put_bytes("before", b"1")
+    persistent_s3_emulator.kill()
+    restarter = threading.Timer(10.0, persistent_s3_emulator.start)
+    restarter.start()
+    t0 = time.monotonic()
+    try:
+        st.put_bytes("ckpt.pt", b"x" * (6 * 1024 * 1024))
+    finally:
+        restarter.join()
+    assert time.monotonic() - t0 >= 10
+    assert st.get_bytes("ckpt.pt") == b"x" * (6 * 1024 * 1024)
+    assert st.get_bytes("before") == b"1"  # the restarted store kept what it had
