@@ -13,7 +13,8 @@ from test_distributed import SYNC, Launch, launches, logged_steps, wait_for_step
 from mtssl.checkpoint import CheckpointStore
 from mtssl.cli import main
 from mtssl.distributed.launch import LAUNCH_RECORD
-from mtssl.runlock import LOCK_NAME, pid_alive, start_time
+from mtssl.procs import pid_alive, start_time
+from mtssl.runlock import LOCK_NAME
 from mtssl.storage import open_storage
 
 LONG = SYNC + ["schedule.max_steps=100000", "output.checkpoint_every=1000"]

@@ -33,7 +33,7 @@ from mtssl.config import Config
 from mtssl.distributed import env as envvars
 from mtssl.distributed.protocol import role_name, task_ranks
 from mtssl.errors import UserError
-from mtssl.runlock import start_time, pid_alive
+from mtssl.procs import pid_alive, start_time
 
 STOP_GRACE_S = 30.0  # after Ctrl-C: time for the coordinator's final checkpoint
 KILL_GRACE_S = 5.0  # after SIGTERM: time before SIGKILL
