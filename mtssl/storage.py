@@ -254,14 +254,10 @@ def _parse_bool(name: str, value: str) -> bool:
     raise ValueError(f"{name}={value!r}: expected true or false")
 
 
-def _parse_seconds(name: str, value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 <= seconds < float("inf"):
-        raise StorageError(f"{name}={value!r}: expected a number of seconds >= 0")
-    return seconds
+def _seconds(value: str) -> float:
+    if not value.strip().replace(".", "", 1).isdigit():
+        raise StorageError(f"MTSSL_S3_RETRY_S={value!r}: expected a number of seconds >= 0")
+    return float(value)
 
 
 def s3_config_from_env(environ: Mapping[str, str] | None = None) -> S3Config:
@@ -281,7 +277,7 @@ def s3_config_from_env(environ: Mapping[str, str] | None = None) -> S3Config:
         endpoint=endpoint, access_key=access, secret_key=secret,
         secure=_parse_bool("MTSSL_S3_SECURE", env.get("MTSSL_S3_SECURE", "true")),
         region=env.get("MTSSL_S3_REGION") or None,
-        retry_s=_parse_seconds("MTSSL_S3_RETRY_S", env.get("MTSSL_S3_RETRY_S", "90")),
+        retry_s=_seconds(env.get("MTSSL_S3_RETRY_S", "90")),
     )
 
 
@@ -385,10 +381,9 @@ class S3Storage(Storage):
                     # `from None`: the chained client error could carry request details verbatim.
                     raise StorageError(
                         f"{what} {target} failed{tries}; last error: {detail}") from None
-                limit = (f"attempt {attempt}/{self.max_attempts}" if self.max_attempts else
-                         f"attempt {attempt}, retrying for up to {self.config.retry_s:.0f}s")
-                log.warning("%s %s: %s failed (%s); retrying in %.2fs",
-                            what, target, limit, detail, delay)
+                log.warning("%s %s: attempt %d (of %s) failed (%s); retrying in %.2fs", what, target,
+                            attempt, self.max_attempts or f"{self.config.retry_s:.0f}s", detail,
+                            delay)
                 time.sleep(delay)
 
     def ensure_bucket(self) -> None:

@@ -104,6 +104,11 @@ def test_s3_config_from_env():
         s3_config_from_env({"MTSSL_S3_ENDPOINT": "h:1", "MTSSL_S3_ACCESS_KEY": "a"})
     with pytest.raises(ValueError, match="MTSSL_S3_SECURE"):
         s3_config_from_env({"MTSSL_S3_ENDPOINT": "h:1", "MTSSL_S3_SECURE": "maybe"})
+    assert s3_config_from_env({"MTSSL_S3_ENDPOINT": "h:1"}).retry_s == 90
+    assert s3_config_from_env({"MTSSL_S3_ENDPOINT": "h:1", "MTSSL_S3_RETRY_S": "2.5"}).retry_s == 2.5
+    for bad in ("-1", "inf", "soon"):
+        with pytest.raises(StorageError, match="MTSSL_S3_RETRY_S"):
+            s3_config_from_env({"MTSSL_S3_ENDPOINT": "h:1", "MTSSL_S3_RETRY_S": bad})
 
 
 def test_s3_contract(s3_bucket):
