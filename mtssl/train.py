@@ -76,13 +76,15 @@ def task_gradients(model: MultiTaskNet, task: str, batch: dict[str, Tensor], *, 
                             "stopping without saving, the last good checkpoint is kept")
     wanted = [n for n in names if params[n].requires_grad]
     grads = torch.autograd.grad(loss, [params[n] for n in wanted], allow_unused=True)
+    present = {n: g for n, g in zip(wanted, grads) if g is not None}
     # A finite loss can still have non-finite gradients; caught here, the task is named rightly
-    # instead of whichever task first sees the poisoned parameters on the next step.
-    bad = next((n for n, g in zip(wanted, grads) if g is not None and not g.isfinite().all()), None)
-    if bad is not None:
+    # instead of whichever task first sees the poisoned parameters on the next step. One check
+    # (one device sync) for all tensors; the name is looked up only on failure.
+    if present and not torch.stack([g.isfinite().all() for g in present.values()]).all():
+        bad = next(n for n, g in present.items() if not g.isfinite().all())
         raise TrainingError(f"non-finite gradient for {bad} in task '{task}' at step {step}; "
                             "stopping without saving, the last good checkpoint is kept")
-    return ({n: g for n, g in zip(wanted, grads) if g is not None}, out.loss.item(), out.metrics)
+    return present, out.loss.item(), out.metrics
 
 
 @dataclass

@@ -20,8 +20,9 @@ from mtssl.storage import open_storage
 LONG = SYNC + ["schedule.max_steps=100000", "output.checkpoint_every=1000"]
 
 
-def latest_step(run_dir) -> int:
-    return CheckpointStore(open_storage(str(run_dir))).load_latest()[1]
+def latest_step(run_dir) -> int | None:
+    found = CheckpointStore(open_storage(str(run_dir))).load_latest()
+    return found and found[1]
 
 
 @pytest.mark.parametrize("target", ["coordinator", "launcher"])
@@ -47,7 +48,7 @@ def test_a_killed_launcher_takes_its_roles_with_it(tmp_path, launches):
         assert time.monotonic() < deadline, f"roles outlived the launcher: {pids}"
         time.sleep(0.2)
     # The coordinator got SIGTERM from the kernel and checkpointed its last step.
-    assert latest_step(run.run_dir) == logged_steps(run.run_dir)[-1]["step"]
+    assert latest_step(run.run_dir) == logged_steps(run.run_dir)[-1]["step"], run.output
 
 
 def test_a_second_launch_on_a_running_run_is_refused(tmp_path, launches, capsys):
