@@ -77,6 +77,18 @@ def _parse_entry(raw: bytes, where: str) -> dict:
     return entry
 
 
+# Sentences of torch's refusal text that advise loading anyway (weights_only=False, allowlisting
+# globals): exactly what must never be done with a checkpoint that failed safe loading.
+_ADVICE = re.compile(r"weights.only|trust|safe_globals|documentation|Alternatively", re.I)
+
+
+def _refusal_reason(exc: Exception) -> str:
+    """What the safe loader refused, without torch's advice to load it some other way."""
+    sentences = re.split(r"(?<=\.)\s+|\n+", str(exc))
+    kept = [s.strip() for s in sentences if s.strip() and not _ADVICE.search(s)]
+    return " ".join(kept)[:300] or "refused by the safe loader"
+
+
 class CheckpointStore:
     """Save and resume training state through a :class:`~mtssl.storage.Storage`.
 
@@ -169,7 +181,7 @@ class CheckpointStore:
             state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any decode failure means an unusable checkpoint
             raise CheckpointError(f"{uri}: cannot decode safely ({type(exc).__name__}: "
-                                  f"{str(exc)[:300]})") from None
+                                  f"{_refusal_reason(exc)})") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{uri}: holds a {type(state).__name__}, not a state dict")
         return state

@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 # OpenMP threads that spin while waiting make every step many times slower as soon as another
 # busy process shares the cores (measured: a conv+BN block took 109 ms instead of 9.6 ms on 2
@@ -41,11 +42,44 @@ def add_config_args(p: argparse.ArgumentParser, default: str) -> None:
                         "repeatable; values are parsed as YAML")
 
 
-def add_resume_args(p: argparse.ArgumentParser) -> None:
-    """--resume and --no-report, shared by the commands that own a run's checkpoints."""
+def add_start_args(p: argparse.ArgumentParser) -> None:
+    """How a run starts: shared by the commands that own (or launch) a run's checkpoints."""
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest good checkpoint in the run's storage")
+    p.add_argument("--force", action="store_true",
+                   help="start a new run where one exists: the old one is moved aside to "
+                        "<run dir>.old-<time> (nothing is deleted)")
+    p.add_argument("--allow-changed", default="", metavar="KEY[,KEY...]",
+                   help="with --resume: hyper-parameters that may differ from the checkpoint's "
+                        "(tasks.<t>.lr, tasks.<t>.weight, optimizer.*, lasso.l1), e.g. to "
+                        "continue a diverged run with a lower learning rate")
+    p.add_argument("--create-bucket", action="store_true",
+                   help="create the S3 bucket of output.storage if it does not exist")
+
+
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    """The start arguments and --no-report, for the commands that own a run's checkpoints."""
+    add_start_args(p)
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+
+
+def start_options(args) -> dict:
+    """TrainingRun's keyword arguments from the start arguments."""
+    from mtssl.config import ConfigError
+    if args.resume and args.force:
+        raise ConfigError("", "--resume continues the run, --force starts a new one: pick one")
+    allowed = tuple(k.strip() for k in args.allow_changed.split(",") if k.strip())
+    if allowed and not args.resume:
+        raise ConfigError("", "--allow-changed only applies with --resume")
+    return dict(resume=args.resume, force=args.force, allow_changed=allowed,
+                create_bucket=args.create_bucket)
+
+
+def start_flags(args) -> list[str]:
+    """The start arguments as command-line flags, for a child process."""
+    opts = start_options(args)
+    return ([f"--{k.replace('_', '-')}" for k in ("resume", "force", "create_bucket") if opts[k]]
+            + (["--allow-changed", ",".join(opts["allow_changed"])] if opts["allow_changed"] else []))
 
 
 def load(args):
@@ -65,15 +99,23 @@ def cmd_config(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from mtssl.signals import StopOnSignal
     from mtssl.train import Trainer
     cfg = load(args)
-    state = Trainer(cfg, resume=args.resume).train()
+    hint = f"continue with: mtssl train --config {cfg.run_dir / 'config.yaml'} --resume"
+    with StopOnSignal() as stop:
+        trainer = Trainer(cfg, **start_options(args))
+        stop.bind(trainer.request_stop)
+        state = trainer.train()
+    if stop.received:
+        print(f"mtssl: stopped by {stop.received[0]} at step {state.step} with a final "
+              f"checkpoint; run directory: {cfg.run_dir}; {hint}")
+        return 0
     if cfg.output.report and not args.no_report:
         from mtssl.pretrain_report import write_report
         path = write_report(cfg.run_dir)
         print(f"report: {path}")
-    print(f"run directory: {cfg.run_dir} (step {state.step}); "
-          f"continue with: mtssl train --config {cfg.run_dir / 'config.yaml'} --resume")
+    print(f"run directory: {cfg.run_dir} (step {state.step}); {hint}")
     return 0
 
 
@@ -108,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set schedule.max_steps=50")
     p.add_argument("--out", help="run directory (default runs/quickstart)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart")
+    add_start_args(p)
     p.set_defaults(func=cmd_train, config="quickstart", no_report=False)
 
     p = sub.add_parser("config", help="validate a config and print it resolved",
@@ -127,22 +169,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fail(err: BaseException, *, verbose: bool, message: str | None = None) -> None:
+    """One line for the user (`message`, default the error's); the traceback only with -v."""
+    if verbose:
+        traceback.print_exception(err)
+    print(f"mtssl: {err if message is None else message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mtssl.checkpoint import CheckpointError
     from mtssl.config import ConfigError
+    from mtssl.data.stream import NoUsableData
+    from mtssl.errors import UserError
+    from mtssl.storage import StorageError
     from mtssl.train import TrainingError
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"mtssl: config error: {err}", file=sys.stderr)
+        fail(err, verbose=args.verbose, message=f"config error: {err}")
         return 2
-    except TrainingError as err:
-        print(f"mtssl: {err}", file=sys.stderr)
+    except UserError as err:
+        fail(err, verbose=args.verbose)
+        return 2
+    except (TrainingError, StorageError, CheckpointError, NoUsableData) as err:
+        # Failures during the run (preflight passed): the cause, not the call stack.
+        fail(err, verbose=args.verbose)
         return 1
-    except KeyboardInterrupt:
-        print("mtssl: interrupted; continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        why = f" ({err})" if str(err) else ""
+        fail(err, verbose=args.verbose, message=f"interrupted{why}; continue with --resume")
         return 130
 
 

@@ -7,6 +7,7 @@ Every section is a frozen dataclass; loading checks keys, types and ranges and r
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -291,11 +292,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
+        # No setting means infinity or NaN (YAML's .inf / .nan); "no limit" is null.
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -353,6 +357,8 @@ def read_yaml(source: str | Path) -> dict:
             text = path.read_text()
         except OSError as err:
             raise ConfigError("", f"cannot read config file {source}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError("", f"{source} is not a text (YAML) file") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:

@@ -10,6 +10,8 @@ S3 connection settings come from the environment (read only by :func:`s3_config_
   anonymous access). They never appear in logs, exceptions or ``repr``.
 - ``MTSSL_S3_SECURE``: ``true``/``false``, use TLS (default ``true``).
 - ``MTSSL_S3_REGION``: optional region name.
+- ``MTSSL_S3_RETRY_S``: how long transient failures are retried, in seconds (default 90: a
+  MinIO restart takes tens of seconds, and a checkpoint lost to one costs far more).
 """
 
 from __future__ import annotations
@@ -234,6 +236,7 @@ class S3Config:
     secret_key: str | None = field(default=None, repr=False)
     secure: bool = True
     region: str | None = None
+    retry_s: float = 90.0
 
     def redact(self, text: str) -> str:
         for secret in (self.secret_key, self.access_key):
@@ -249,6 +252,12 @@ def _parse_bool(name: str, value: str) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{name}={value!r}: expected true or false")
+
+
+def _seconds(value: str) -> float:
+    if not value.strip().replace(".", "", 1).isdigit():
+        raise StorageError(f"MTSSL_S3_RETRY_S={value!r}: expected a number of seconds >= 0")
+    return float(value)
 
 
 def s3_config_from_env(environ: Mapping[str, str] | None = None) -> S3Config:
@@ -268,6 +277,7 @@ def s3_config_from_env(environ: Mapping[str, str] | None = None) -> S3Config:
         endpoint=endpoint, access_key=access, secret_key=secret,
         secure=_parse_bool("MTSSL_S3_SECURE", env.get("MTSSL_S3_SECURE", "true")),
         region=env.get("MTSSL_S3_REGION") or None,
+        retry_s=_seconds(env.get("MTSSL_S3_RETRY_S", "90")),
     )
 
 
@@ -294,21 +304,22 @@ def _classify(exc: Exception) -> str | None:
 class S3Storage(Storage):
     """Objects in ``s3://bucket/prefix`` through the minio client.
 
-    Transient failures (connection errors, 5xx, throttling) are retried up to ``max_attempts``
-    times with exponential backoff (``backoff_s * 2**i``, capped at ``backoff_max_s``) and jitter.
+    Transient failures (connection errors, 5xx, throttling) are retried with exponential backoff
+    (``backoff_s * 2**i``, capped at ``backoff_max_s``) and jitter until ``config.retry_s``
+    seconds have passed since the first attempt, or ``max_attempts`` attempts if that is given.
     Objects larger than ``part_size`` bytes are sent as a multipart upload.
     """
 
     def __init__(self, bucket: str, prefix: str = "", *, config: S3Config | None = None,
-                 create_bucket: bool = False, part_size: int = 64 * _MIB, max_attempts: int = 5,
-                 backoff_s: float = 0.5, backoff_max_s: float = 20.0,
+                 create_bucket: bool = False, part_size: int = 64 * _MIB,
+                 max_attempts: int | None = None, backoff_s: float = 0.5, backoff_max_s: float = 8.0,
                  connect_timeout_s: float = 10.0, read_timeout_s: float = 120.0):
         import urllib3
         from minio import Minio
 
         if part_size < _MIN_PART_SIZE:
             raise ValueError(f"part_size={part_size}: S3 needs at least {_MIN_PART_SIZE} bytes")
-        if max_attempts < 1:
+        if max_attempts is not None and max_attempts < 1:
             raise ValueError(f"max_attempts={max_attempts}: need at least 1")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -330,7 +341,7 @@ class S3Storage(Storage):
             raise StorageError(f"bad S3 settings for s3://{bucket}: "
                                f"{self.config.redact(str(exc))}") from None
         if create_bucket:
-            self._ensure_bucket()
+            self.ensure_bucket()
 
     def __repr__(self) -> str:
         where = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
@@ -346,7 +357,7 @@ class S3Storage(Storage):
 
     def _call(self, what: str, target: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` with bounded retries; map client errors to StorageError without secrets."""
-        attempt = 0
+        attempt, deadline = 0, time.monotonic() + self.config.retry_s
         while True:
             attempt += 1
             try:
@@ -358,21 +369,24 @@ class S3Storage(Storage):
                 detail = self.config.redact(f"{type(exc).__name__}: {exc}")
                 if kind == "missing":
                     raise NotFound(f"no such object: {target}") from None
-                if kind == "fatal" or attempt == self.max_attempts:
+                cap = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1))
+                delay = cap * (0.5 + 0.5 * random.random())
+                out_of_time = (attempt == self.max_attempts if self.max_attempts
+                               else time.monotonic() + delay > deadline)
+                if kind == "fatal" or out_of_time:
                     tries = f" after {attempt} attempts" if kind == "transient" else ""
                     if getattr(exc, "code", None) == "NoSuchBucket":
-                        detail += (f" (bucket {self.bucket!r} missing; create it or pass "
-                                   "create_bucket=True)")
+                        detail += (f" (bucket {self.bucket!r} missing; create it, or pass "
+                                   "--create-bucket)")
                     # `from None`: the chained client error could carry request details verbatim.
                     raise StorageError(
                         f"{what} {target} failed{tries}; last error: {detail}") from None
-                cap = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1))
-                delay = cap * (0.5 + 0.5 * random.random())
-                log.warning("%s %s: attempt %d/%d failed (%s); retrying in %.2fs",
-                            what, target, attempt, self.max_attempts, detail, delay)
+                log.warning("%s %s: attempt %d (of %s) failed (%s); retrying in %.2fs", what, target,
+                            attempt, self.max_attempts or f"{self.config.retry_s:.0f}s", detail,
+                            delay)
                 time.sleep(delay)
 
-    def _ensure_bucket(self) -> None:
+    def ensure_bucket(self) -> None:
         from minio.error import S3Error
 
         def make() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import time
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from mtssl.accounting import SHARED, DeviceClock, budget_check, device_type
 from mtssl.checkpoint import CheckpointStore
-from mtssl.config import Config, from_dict, save_config, to_dict
+from mtssl.config import Config, ConfigError, from_dict, save_config, to_dict
 from mtssl.data.sources import TaskData
 from mtssl.data.stream import loader
 from mtssl.distributed.env import metrics_port, run_name
@@ -22,8 +23,9 @@ from mtssl.health import UNHEALTHY, HealthCheck
 from mtssl.metrics import Metrics
 from mtssl.models.multitask import MultiTaskNet
 from mtssl.optim import PerTaskRMSProp
+from mtssl.preflight import check_data, open_checked
+from mtssl.runlock import RunLock, claim_run
 from mtssl.schedules import lr_scale
-from mtssl.storage import open_storage
 from mtssl.tasks import TASKS
 
 log = logging.getLogger("mtssl.train")
@@ -31,6 +33,9 @@ log = logging.getLogger("mtssl.train")
 # Sections that define the model and its optimisation: a resumed run must not change them,
 # except how many distributed workers share each task's batches.
 FROZEN_ON_RESUME = ("seed", "trunk", "tasks", "lasso", "harmonization", "optimizer")
+# Of those, what `--allow-changed` may name: hyper-parameters that change no shape or data, for
+# continuing a run (e.g. one that diverged) with new values.
+CHANGEABLE_ON_RESUME = ("optimizer.*", "lasso.l1", "tasks.*.lr", "tasks.*.weight")
 CALIBRATION_STREAM = 1000  # stream ids for calibration/evaluation draws, apart from training's
 
 
@@ -72,7 +77,15 @@ def task_gradients(model: MultiTaskNet, task: str, batch: dict[str, Tensor], *, 
                             "stopping without saving, the last good checkpoint is kept")
     wanted = [n for n in names if params[n].requires_grad]
     grads = torch.autograd.grad(loss, [params[n] for n in wanted], allow_unused=True)
-    return ({n: g for n, g in zip(wanted, grads) if g is not None}, out.loss.item(), out.metrics)
+    present = {n: g for n, g in zip(wanted, grads) if g is not None}
+    # A finite loss can still have non-finite gradients; caught here, the task is named rightly
+    # instead of whichever task first sees the poisoned parameters on the next step. One check
+    # (one device sync) for all tensors; the name is looked up only on failure.
+    if present and not torch.stack([g.isfinite().all() for g in present.values()]).all():
+        bad = next(n for n, g in present.items() if not g.isfinite().all())
+        raise TrainingError(f"non-finite gradient for {bad} in task '{task}' at step {step}; "
+                            "stopping without saving, the last good checkpoint is kept")
+    return present, out.loss.item(), out.metrics
 
 
 @dataclass
@@ -97,11 +110,19 @@ class TrainingRun:
     """
     role = "trainer"
 
-    def __init__(self, cfg: Config, *, resume: bool = False, device: torch.device | None = None):
+    def __init__(self, cfg: Config, *, resume: bool = False, force: bool = False,
+                 allow_changed: tuple[str, ...] = (), create_bucket: bool = False,
+                 device: torch.device | None = None):
+        """`force`: move an existing run aside instead of refusing; `allow_changed`: config keys
+        (CHANGEABLE_ON_RESUME) that may differ from the checkpoint's on resume."""
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
         self.run_dir = cfg.run_dir
-        self.store = CheckpointStore(open_storage(cfg.storage_uri), keep_last=cfg.output.keep_last)
+        self.allow_changed = check_changeable(cfg, allow_changed)
+        self.stop_reason: str | None = None  # set by request_stop (a signal): stop after the step
+        self.store = CheckpointStore(open_checked(cfg.storage_uri, create_bucket=create_bucket),
+                                     keep_last=cfg.output.keep_last)
+        claim_run(self.run_dir, self.store.storage, resume=resume, force=force)
         with torch.random.fork_rng(devices=[]):
             # The initial weights are a function of the config's seed: runs and roles agree.
             torch.manual_seed(cfg.seed)
@@ -119,6 +140,7 @@ class TrainingRun:
         self.metrics = Metrics(run=run_name(cfg), role=self.role,
                                device_type=device_type(self.device.type))
         self.data = TaskData(cfg)
+        check_data(self.data, self.model.tasks)
         self.resumed = resume and self._restore()
         if not self.resumed:
             self._calibrate()
@@ -140,7 +162,7 @@ class TrainingRun:
             log.warning("--resume: no checkpoint under %s, starting from step 0", self.cfg.storage_uri)
             return False
         ckpt, step = found
-        check_resumable(from_dict(ckpt["config"]), self.cfg)
+        check_resumable(from_dict(ckpt["config"]), self.cfg, self.allow_changed)
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.state = RunState(step=step, skipped=ckpt["skipped"], samples=ckpt["samples"],
@@ -156,6 +178,12 @@ class TrainingRun:
                 stream = self.data.stream(task, stop_batch=n, stream_offset=CALIBRATION_STREAM)
                 self.model.heads[task].calibrate(
                     to_device(b, self.device) for b in loader(stream, num_workers=0))
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the step in flight, with a final checkpoint (signal safe)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.info("stopping after this step: %s", reason)
 
     def save(self, *, milestone: str | None = None) -> None:
         self.store.save(self.checkpoint_state(), step=self.state.step, milestone=milestone)
@@ -233,8 +261,13 @@ class Trainer(TrainingRun):
     def train(self, *, stop_at: int | None = None) -> RunState:
         """Train to schedule.max_steps (or `stop_at`, an interruption point), then checkpoint.
 
-        Also stops (with a checkpoint) at schedule.time_budget_s or budget.gpu_hours.
+        Also stops (with a checkpoint) at schedule.time_budget_s, budget.gpu_hours or a
+        request_stop. Holds the run's lock throughout.
         """
+        with RunLock(self.run_dir):
+            return self._train(stop_at)
+
+    def _train(self, stop_at: int | None) -> RunState:
         cfg, sched = self.cfg, self.cfg.schedule
         last = min(sched.max_steps, stop_at or sched.max_steps)
         metrics_path = self.open_log()
@@ -291,6 +324,9 @@ class Trainer(TrainingRun):
             if sched.time_budget_s and time.perf_counter() - t0 >= sched.time_budget_s:
                 stop_reason = "time_budget"
                 break
+            if self.stop_reason is not None:
+                stop_reason = self.stop_reason
+                break
         if bar is not None:
             bar.close()
         self.account(SHARED, clock.lap())
@@ -301,14 +337,33 @@ class Trainer(TrainingRun):
         return self.state
 
 
-def check_resumable(saved: Config, current: Config) -> None:
+def check_changeable(cfg: Config, keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The `--allow-changed` keys, each an existing key matching CHANGEABLE_ON_RESUME."""
+    for key in keys:
+        node = to_dict(cfg)
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(key, "--allow-changed: no such config key")
+            node = node[part]
+        if not any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key + ".x", p)
+                   for p in CHANGEABLE_ON_RESUME):
+            raise ConfigError(key, "--allow-changed: this key cannot change on resume; only "
+                                   + ", ".join(CHANGEABLE_ON_RESUME) + " can")
+    return tuple(keys)
+
+
+def check_resumable(saved: Config, current: Config, allowed: tuple[str, ...] = ()) -> None:
     old, new = to_dict(saved), to_dict(current)
     diffs = [k for section in FROZEN_ON_RESUME for k in diff_keys(old[section], new[section], section)
              if not (k.startswith("tasks.") and k.endswith(".workers"))]
-    if diffs:
+    refused = [k for k in diffs if not any(k == a or k.startswith(a + ".") for a in allowed)]
+    if refused:
         raise TrainingError("cannot resume: the checkpoint was trained with different settings for "
-                            + ", ".join(diffs) + " (only schedule, data, output, distributed and "
-                            "tasks.<t>.workers may change)")
+                            + ", ".join(refused) + " (only schedule, data, output, distributed and "
+                            "tasks.<t>.workers may change; name hyper-parameters you mean to change "
+                            "with --allow-changed, e.g. --allow-changed tasks.colorization.lr)")
+    if diffs:
+        log.warning("resuming with changed settings (--allow-changed): %s", ", ".join(diffs))
 
 
 def diff_keys(a, b, prefix: str) -> list[str]:
@@ -355,11 +410,25 @@ def append_log(path: Path, record: dict) -> None:
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log records past the checkpoint so the curve has no duplicates."""
+    """On resume, drop log records past the checkpoint so the curve has no duplicates.
+
+    A line that does not parse (a crash mid-write tears the last one) is dropped with a warning:
+    the checkpoints, not the log, hold the run's state.
+    """
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = {}
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            if line.strip():
+                log.warning("%s line %d is torn or not a record; dropped: %.80r", path, number, line)
+            continue
+        if record["step"] <= step:
+            keep.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from mtssl.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(f"config key '{key}': {message}" if key else message)
         self.key = key

@@ -5,6 +5,14 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that use the real data carry the shared_data marker: `-m 'not shared_data'` leaves
+    them out, `-m shared_data` runs only them."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared_data)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The real data sets in ../shared/data; tests that need them skip when absent."""

@@ -168,6 +168,8 @@ class FaultyProxy:
                     if fail:
                         proxy.failures_left -= 1
                 if fail:
+                    # Recorded before answering: a client that has its answer may look at once.
+                    proxy.seen.append((self.command, self.path, proxy.status))
                     ctype, payload = proxy._error_body(self.headers)
                     self.send_response(proxy.status)
                     self.send_header("Content-Type", ctype)
@@ -175,7 +177,6 @@ class FaultyProxy:
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(payload)
-                    proxy.seen.append((self.command, self.path, proxy.status))
                     return
                 host, port = proxy.upstream.split(":")
                 conn = http.client.HTTPConnection(host, int(port), timeout=60)

@@ -279,7 +279,7 @@ def test_shard_writer_is_deterministic_and_indexes_long_keys(tmp_path):
     entries = []
     for run in ("a", "b"):
         w = prep_shards.ShardWriter(storage=LocalStorage(tmp_path / run), stream="images",
-                                    number=0, first=0, fingerprint="f")
+                                    number=0, first=0, fingerprint="f", tmp_dir=tmp_path)
         w.add("one.jpg", 10, prep_shards.ItemResult(
             samples=[prep_shards.Sample(long_key, payload), prep_shards.Sample("k2", payload)]))
         entries.append(w.finish(1))

@@ -7,7 +7,8 @@ import pytest
 from mtssl import storage as storage_mod
 from mtssl.storage import (LocalStorage, NotFound, S3Config, S3Storage, StorageError,
                            open_storage, s3_config_from_env)
-from s3_emulator import (ACCESS_KEY, SECRET_KEY, FaultyProxy, free_port, s3_bucket,  # noqa: F401
+from s3_emulator import (ACCESS_KEY, SECRET_KEY, FaultyProxy, free_port,  # noqa: F401
+                         persistent_s3_emulator, s3_bucket,
                          s3_emulator, s3_env)
 
 FAST = dict(max_attempts=3, backoff_s=0.01, backoff_max_s=0.05)
@@ -103,6 +104,11 @@ def test_s3_config_from_env():
         s3_config_from_env({"MTSSL_S3_ENDPOINT": "h:1", "MTSSL_S3_ACCESS_KEY": "a"})
     with pytest.raises(ValueError, match="MTSSL_S3_SECURE"):
         s3_config_from_env({"MTSSL_S3_ENDPOINT": "h:1", "MTSSL_S3_SECURE": "maybe"})
+    assert s3_config_from_env({"MTSSL_S3_ENDPOINT": "h:1"}).retry_s == 90
+    assert s3_config_from_env({"MTSSL_S3_ENDPOINT": "h:1", "MTSSL_S3_RETRY_S": "2.5"}).retry_s == 2.5
+    for bad in ("-1", "inf", "soon"):
+        with pytest.raises(StorageError, match="MTSSL_S3_RETRY_S"):
+            s3_config_from_env({"MTSSL_S3_ENDPOINT": "h:1", "MTSSL_S3_RETRY_S": bad})
 
 
 def test_s3_contract(s3_bucket):
@@ -116,7 +122,7 @@ def test_s3_contract(s3_bucket):
 
 def test_s3_missing_bucket_is_a_clear_error(s3_bucket):
     st = S3Storage(s3_bucket, **FAST)
-    with pytest.raises(StorageError, match="create_bucket=True") as info:
+    with pytest.raises(StorageError, match="--create-bucket") as info:
         st.put_bytes("k", b"x")
     assert not isinstance(info.value, NotFound)
 
@@ -195,3 +201,25 @@ def test_s3_create_bucket_is_idempotent(s3_bucket):
     S3Storage(s3_bucket, create_bucket=True).put_bytes("k", b"1")
     again = S3Storage(s3_bucket, create_bucket=True)
     assert again.get_bytes("k") == b"1"
+
+
+def test_s3_save_survives_an_emulator_restart(persistent_s3_emulator, monkeypatch):
+    """The store is down for 10 s during a save (killed, then restarted): the default retry
+    window (MTSSL_S3_RETRY_S, 90 s) covers it; the former ~6 s of retries did not."""
+    import threading
+    import time
+    for k, v in persistent_s3_emulator.env().items():
+        monkeypatch.setenv(k, v)
+    st = S3Storage("restart", "p", create_bucket=True)
+    st.put_bytes("before", b"1")
+    persistent_s3_emulator.kill()
+    restarter = threading.Timer(10.0, persistent_s3_emulator.start)
+    restarter.start()
+    t0 = time.monotonic()
+    try:
+        st.put_bytes("ckpt.pt", b"x" * (6 * 1024 * 1024))
+    finally:
+        restarter.join()
+    assert time.monotonic() - t0 >= 10
+    assert st.get_bytes("ckpt.pt") == b"x" * (6 * 1024 * 1024)
+    assert st.get_bytes("before") == b"1"  # the restarted store kept what it had

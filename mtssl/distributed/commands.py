@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import signal
 
-from mtssl.cli import add_config_args, add_resume_args, load
+from mtssl.cli import add_config_args, add_resume_args, add_start_args, load, start_options
 from mtssl.k8s.commands import K8S_EPILOG, add_k8s_arguments, run_k8s
 
 LAUNCH_EPILOG = """examples:
@@ -50,7 +49,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_common(p, None)
     p.add_argument("--local", action="store_true",
                    help="as processes on this machine (config default: quickstart)")
-    p.add_argument("--resume", action="store_true", help="--local: resume from the latest checkpoint")
+    add_start_args(p)
     add_k8s_arguments(p)
     p.set_defaults(func=cmd_launch)
 
@@ -63,26 +62,21 @@ def cmd_coordinator(args) -> int:
     from mtssl.distributed.coordinator import Coordinator
     from mtssl.distributed.env import role_env
     from mtssl.train import TrainingError
+    from mtssl.signals import StopOnSignal
     cfg = load(args)
-    coordinator = Coordinator(cfg, role_env(cfg), resume=args.resume)
-    signals: list[int] = []
-
-    def on_signal(signum, frame):
-        signals.append(signum)
-        if len(signals) > 1:
-            raise KeyboardInterrupt
-        coordinator.request_stop(f"{signal.Signals(signum).name} received")
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal)
     hint = f"continue with: mtssl launch --local --config {cfg.run_dir / 'config.yaml'} --resume"
-    try:
-        reason = coordinator.run()
-    except TrainingError:
-        print(f"run directory: {cfg.run_dir} (step {coordinator.state.step}); {hint}")
-        raise
+    with StopOnSignal() as stop:
+        coordinator = Coordinator(cfg, role_env(cfg), **start_options(args))
+        stop.bind(coordinator.request_stop)
+        try:
+            reason = coordinator.run()
+        except TrainingError:
+            print(f"run directory: {cfg.run_dir} (step {coordinator.state.step}); {hint}")
+            raise
     print(f"run directory: {cfg.run_dir} (step {coordinator.state.step}, {reason}); {hint}")
-    if signals:
-        return 128 + signals[0]
+    if stop.received:
+        # A clean stop on request (Kubernetes sends SIGTERM): the final checkpoint is written.
+        return 0
     if cfg.output.report and not args.no_report:
         from mtssl.pretrain_report import write_report
         print(f"report: {write_report(cfg.run_dir)}")
@@ -102,7 +96,9 @@ def cmd_launch(args) -> int:
 
     from mtssl.config import ConfigError
     from mtssl.distributed.env import role_env
-    from mtssl.distributed.launch import LocalLauncher, roles
+    from mtssl.distributed.launch import LocalLauncher, check_leftovers, roles
+    from mtssl.preflight import open_checked
+    from mtssl.runlock import claim_run
     if args.k8s == args.local:
         raise ConfigError("", "mtssl launch: say where, --local (processes on this machine) "
                               "or --k8s (a Kubernetes cluster)")
@@ -111,21 +107,30 @@ def cmd_launch(args) -> int:
     args.config = args.config or "quickstart"
     cfg = load(args)
     env = role_env(cfg)
+    start = start_options(args)
+    # Before any process starts: no earlier launch still running, storage usable, and no run
+    # replaced unless --force (done here, so the launch record below is not moved with it).
+    check_leftovers(cfg.run_dir)
+    storage = open_checked(cfg.storage_uri, create_bucket=start["create_bucket"])
+    claim_run(cfg.run_dir, storage, resume=start["resume"], force=start["force"])
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the rendezvous server does
         try:
             probe.bind(("127.0.0.1", env.port))
         except OSError:
             raise ConfigError("distributed.port",
-                              f"port {env.port} is in use on this machine; pick another with "
+                              f"port {env.port} is in use on this machine (by another run? "
+                              "`ss -ltnp` shows which process); pick another with "
                               "--set distributed.port=N") from None
     plan = roles(cfg, config=args.config, overrides=child_overrides(args), addr="127.0.0.1",
-                 port=env.port, run=env.run, metrics_base=env.metrics_port, resume=args.resume)
-    code = LocalLauncher(plan, grace_s=cfg.distributed.timeout_s + 10).run()
+                 port=env.port, run=env.run, metrics_base=env.metrics_port,
+                 resume=start["resume"], allow_changed=start["allow_changed"])
+    launcher = LocalLauncher(plan, grace_s=cfg.distributed.timeout_s + 10, run_dir=cfg.run_dir)
+    code = launcher.run()
     saved = cfg.run_dir / "config.yaml"
     again = (f"--config {saved}" if saved.exists()
              else " ".join(["--config", args.config, *(f"--set {o}" for o in child_overrides(args))]))
-    if code:
+    if code or launcher.interrupts:
         print(f"mtssl launch: stopped (status {code}); resume with: "
               f"mtssl launch --local {again} --resume")
     else:

@@ -42,6 +42,7 @@ from mtssl.distributed.env import RoleEnv
 from mtssl.distributed.protocol import ABORT, CONTINUE, STOP, Layout
 from mtssl.distributed.staleness import StalenessGate
 from mtssl.distributed.transport import PeerLost, connect, disconnect, guarded
+from mtssl.runlock import RunLock
 from mtssl.train import Accumulator, TrainingError, TrainingRun, append_log
 
 log = logging.getLogger("mtssl.coordinator")
@@ -50,16 +51,16 @@ log = logging.getLogger("mtssl.coordinator")
 class Coordinator(TrainingRun):
     role = "coordinator"
 
-    def __init__(self, cfg: Config, env: RoleEnv, *, resume: bool = False):
+    def __init__(self, cfg: Config, env: RoleEnv, **start):
+        """`start`: TrainingRun's resume, force, allow_changed, create_bucket."""
         # Canonical state lives in host memory: gloo moves it, and workers hold the GPUs.
-        super().__init__(cfg, resume=resume, device=torch.device("cpu"))
+        super().__init__(cfg, device=torch.device("cpu"), **start)
         self.env = env
         self.tasks = self.model.tasks
         self.layouts = {t: Layout.of(self.model, t) for t in self.tasks}
         self.workers = {t: getattr(cfg.tasks, t).workers for t in self.tasks}
         self.buffers = dict(self.model.named_buffers())
         self.lock = threading.RLock()  # canonical parameters, optimizer, run state
-        self.stop_reason: str | None = None
         self.failures: dict[str, str] = {}
         self.dead: set[str] = set()  # task groups that can no longer be talked to
         self.window = Accumulator()
@@ -84,7 +85,14 @@ class Coordinator(TrainingRun):
         self.request_stop(f"task {task!r} lost a peer")
 
     def run(self) -> str:
-        """Train until a stop condition; returns its reason. Raises PeerLost after a fault."""
+        """Train until a stop condition; returns its reason. Raises PeerLost after a fault.
+
+        Holds the run's lock throughout: a second coordinator on the same run refuses to start.
+        """
+        with RunLock(self.run_dir):
+            return self._run()
+
+    def _run(self) -> str:
         self.metrics_path = self.open_log()
         self.serve_metrics()
         log.info("coordinator: %s mode, tasks %s, %d processes, rendezvous %s:%d",

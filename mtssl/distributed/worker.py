@@ -24,6 +24,7 @@ from mtssl.distributed.protocol import CONTINUE, STOP, Layout, role_name, worker
 from mtssl.distributed.transport import connect, disconnect, guarded
 from mtssl.metrics import Metrics
 from mtssl.models.multitask import MultiTaskNet, build_trunk, trunk_info
+from mtssl.preflight import check_data
 from mtssl.tasks import TASKS
 from mtssl.train import TrainingError, resolve_device, task_gradients, to_device
 
@@ -51,6 +52,7 @@ class Worker:
         self.names = self.model.owned_names()[self.task]
         self.layout = Layout.of(self.model, self.task)
         self.data = TaskData(cfg)
+        check_data(self.data, [self.task])  # before joining: a bad folder fails here, in one line
         self.metrics = Metrics(run=env.run, role="worker", device_type=device_type(self.device.type))
         self.rounds = 0
 

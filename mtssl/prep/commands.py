@@ -45,8 +45,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     for f in _fields():
         flag = "--" + f.name.replace("_", "-")
         repeat = f.name == "exclude"
+        # A None default is described by the option's own help text.
+        default = "" if f.default is None else f" (default: {f.default!r})"
         p.add_argument(flag, dest=f.name, metavar="VALUE", action="append" if repeat else "store",
-                       help=f"{f.metadata['help']} (default: {f.default!r})")
+                       help=f"{f.metadata['help']}{default}")
     p.set_defaults(func=cmd_prep)
 
 

@@ -25,7 +25,7 @@ from mtssl.config import to_dict
 from mtssl.data.shards import DATASET_FORMAT, MANIFEST, VERSION, read_manifest
 from mtssl.prep.options import RUN_SETTINGS, PrepConfig, fingerprint
 from mtssl.prep.shards import (ItemResult, PrepError, ShardWriter, Stats, completed_shards,
-                               input_line)
+                               clean_stale_temps, input_line, temp_folder)
 from mtssl.prep.walk import Item, WalkReport, walk
 from mtssl.storage import LocalStorage, Storage, open_storage
 from mtssl.validation import ConfigError
@@ -102,7 +102,7 @@ def _verify_input(done, items: Iterator[tuple[int, Item]], stream: str) -> None:
 
 
 def prepare_stream(stream: str, items: Iterator[Item], fn, *, storage: Storage, cfg: PrepConfig,
-                   fp: str, bar=None) -> StreamResult:
+                   fp: str, tmp: Path, bar=None) -> StreamResult:
     done = completed_shards(storage, stream, fp)
     out = StreamResult(shards=[c.entry for c in done])
     for c in done:
@@ -118,7 +118,7 @@ def prepare_stream(stream: str, items: Iterator[Item], fn, *, storage: Storage, 
         for ordinal, item, result in ordered_map(fn, numbered, cfg):
             if writer is None:
                 writer = ShardWriter(storage=storage, stream=stream, number=len(out.shards),
-                                     first=ordinal, fingerprint=fp, tmp_dir=cfg.tmp_dir)
+                                     first=ordinal, fingerprint=fp, tmp_dir=tmp)
             writer.add(item.rel, item.size, result)
             end = ordinal + 1
             if bar is not None:
@@ -168,6 +168,8 @@ def prepare(cfg: PrepConfig, *, overwrite: bool = False) -> dict:
     if not Path(cfg.input).is_dir():
         raise ConfigError("prep.input", f"not a folder: {cfg.input}")
     storage, fp = _open_output(cfg.output), fingerprint(cfg)
+    tmp = temp_folder(storage, cfg.tmp_dir)
+    clean_stale_temps(tmp)
     if overwrite:
         _clear(storage)
     elif storage.exists(MANIFEST) and read_manifest(storage)["fingerprint"] != fp:
@@ -185,7 +187,7 @@ def prepare(cfg: PrepConfig, *, overwrite: bool = False) -> dict:
             if bar is not None:
                 bar.set_description(f"prep {stream}")
             results[stream] = prepare_stream(stream, (i for i in found if i.stream == stream), fn,
-                                             storage=storage, cfg=cfg, fp=fp, bar=bar)
+                                             storage=storage, cfg=cfg, fp=fp, tmp=tmp, bar=bar)
     finally:
         if bar is not None:
             bar.close()

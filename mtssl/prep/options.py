@@ -46,8 +46,8 @@ class PrepConfig:
                                          "e.g. '*/Annotations' (repeatable)")
     workers: int = _opt(0, "processes decoding in parallel (0 = all in this process)")
     progress: bool = _opt(True, "show a progress bar")
-    tmp_dir: str | None = _opt(None, "local folder where shards are assembled (default: system "
-                                     "temp)")
+    tmp_dir: str | None = _opt(None, "local folder where shards are assembled (default: next to "
+                                     "a local output, else the system temp folder)")
 
     def __post_init__(self):
         require(bool(self.input), "input", "is required: the folder to prepare")

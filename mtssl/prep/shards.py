@@ -22,7 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from mtssl.data.shards import INDEX_FORMAT, VERSION, parse_index
-from mtssl.storage import Storage
+from mtssl.procs import pid_alive
+from mtssl.storage import LocalStorage, Storage
+
+# Temporary tars: hidden from LocalStorage listings by the prefix, owned by the pid in the name.
+TEMP_PREFIX = ".mtssl-tmp-prep-"
 
 log = logging.getLogger("mtssl.prep")
 
@@ -97,6 +101,28 @@ def shard_keys(stream: str, number: int) -> tuple[str, str]:
     return f"{base}.tar", f"{base}.json"
 
 
+def temp_folder(storage: Storage, tmp_dir: str | None) -> Path:
+    """Where shards are assembled: `tmp_dir`, else next to a local output (one file system,
+    found by whoever looks at the output), else the system temp folder (an S3 output)."""
+    if tmp_dir is not None:
+        folder = Path(tmp_dir)
+    elif isinstance(storage, LocalStorage):
+        folder = storage.root
+    else:
+        folder = Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def clean_stale_temps(folder: Path) -> None:
+    """Delete temporary tars whose prep is gone (a SIGKILL runs no cleanup)."""
+    for path in folder.glob(f"{TEMP_PREFIX}*.tar"):
+        pid = path.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            log.info("removing %s, left by an interrupted prep", path)
+            path.unlink(missing_ok=True)
+
+
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     # Fixed metadata, so the same samples always give byte-identical tars.
     info = tarfile.TarInfo(name)
@@ -118,11 +144,12 @@ class ShardWriter:
     local temp file. `finish` uploads tar then index; `discard` drops the temp file."""
 
     def __init__(self, *, storage: Storage, stream: str, number: int, first: int,
-                 fingerprint: str, tmp_dir: str | None = None):
+                 fingerprint: str, tmp_dir: Path):
         self.storage, self.stream, self.number, self.first = storage, stream, number, first
         self.fingerprint = fingerprint
         self.tar_key, self.index_key = shard_keys(stream, number)
-        fd, self._path = tempfile.mkstemp(prefix=f"mtssl-{stream}-", suffix=".tar", dir=tmp_dir)
+        fd, self._path = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{stream}-",
+                                          suffix=".tar", dir=tmp_dir)
         self._file = os.fdopen(fd, "w+b")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
         self._digest = hashlib.sha256()

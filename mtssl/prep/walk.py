@@ -2,13 +2,17 @@
 
 Items come out in order of their relative path (each folder's entries sorted by name, folders
 entered where they sort), so a re-run sees the same sequence and the walk holds one folder's
-listing at a time, whatever the size of the tree.
+listing at a time, whatever the size of the tree. Names that are not valid UTF-8 cannot be
+stored in shards, manifests or logs as they are: they are skipped with the reason
+'undecodable_name' (shown with backslash escapes). A frame folder with missing frame numbers is
+split into its runs of consecutive frames, so motion is never computed across a gap.
 """
 
 from __future__ import annotations
 
 import collections
 import fnmatch
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +23,12 @@ from mtssl.data.images import IMAGE_EXTENSIONS, os_error_reason
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".avi", ".webm", ".mov", ".mkv"})
 _DIGITS = re.compile(r"\d+")
+log = logging.getLogger("mtssl.prep")
+
+
+def printable(name: str) -> str:
+    """A file-system name as valid text: undecodable bytes as backslash escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,10 @@ class _Listing:
             return
         for e in raw:
             child = f"{rel}/{e.name}" if rel else e.name
+            if printable(e.name) != e.name:  # os.scandir decoded invalid UTF-8 as surrogates
+                report.problems.append((printable(child), "undecodable_name",
+                                        "file name is not valid UTF-8; rename it to include it"))
+                continue
             if any(fnmatch.fnmatch(child, p) for p in exclude):
                 continue
             try:
@@ -70,6 +84,23 @@ class _Listing:
                     report.problems.append((child, "broken_link", "symbolic link to nothing"))
             except OSError as err:
                 report.problems.append((child, os_error_reason(err), str(err)))
+
+
+def frame_runs(rel: str, folder: Path, sizes: dict[str, int]) -> Iterator[Item]:
+    """One frame-folder Item per run of consecutive frame numbers (all of it without gaps)."""
+    names = sorted(sizes, key=_frame_order)
+    numbers = [_frame_order(n)[0] for n in names]
+    cuts = [i for i in range(1, len(names)) if numbers[i] > numbers[i - 1] + 1]
+    if not cuts or min(numbers) < 0:
+        yield Item("frames", rel, folder, sum(sizes.values()), tuple(names))
+        return
+    log.warning("%s: frame numbers jump at %s; split into %d sequences", printable(rel),
+                ", ".join(f"{numbers[i - 1]}->{numbers[i]}" for i in cuts), len(cuts) + 1)
+    bounds = [0, *cuts, len(names)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        run = names[lo:hi]
+        yield Item("frames", f"{rel}#{numbers[lo]}-{numbers[hi - 1]}", folder,
+                   sum(sizes[n] for n in run), tuple(run))
 
 
 def walk(root: str | os.PathLike, *, exclude: tuple[str, ...] = (), frame_pattern: str = r"\d+",
@@ -99,8 +130,7 @@ def walk(root: str | os.PathLike, *, exclude: tuple[str, ...] = (), frame_patter
         is_frames = (pattern is not None and len(images) >= min_folder_frames
                      and all(pattern.fullmatch(Path(n).stem) for n, _ in images))
         if is_frames:
-            names = tuple(sorted((n for n, _ in images), key=_frame_order))
-            yield Item("frames", rel or ".", folder, sum(s for _, s in images), names)
+            yield from frame_runs(rel or ".", folder, dict(images))
         for name, is_dir, size in listing.entries:
             child = f"{rel}/{name}" if rel else name
             if is_dir:
