@@ -99,3 +99,27 @@ def test_cli_eval(tmp_path, capsys):
     run_dir = train_tiny(tmp_path / "run", steps=1).cfg.run_dir
     assert main(base + ["--checkpoint", str(run_dir), "--arch", "quickstart"]) == 1
     assert "different architecture" in capsys.readouterr().err
+
+
+def test_grid_probe_reads_pooled_cells_and_global_probe_one_vector(tmp_path):
+    """The literature's probe (block-3 maps pooled to a grid, standardised, linear) next to the
+    globally pooled one, on a tiny trunk; eval-only lasso works with both."""
+    import torch
+    from mtssl.eval.imagenet import CropDataset, extract_features, list_split
+    data = write_folder(tmp_path / "d", {"train/a": 4, "train/b": 4, "val/a": 2, "val/b": 2})
+    loaded = random_trunk(load_config("quickstart", ["trunk.units=[1,1,2]",
+                                                     "trunk.width=0.0625"]).trunk)
+    _, items, _ = list_split(data / "train", None, None)
+    channels = loaded.build().out_channels
+    for grid, per_tap in ((1, False), (3, False), (2, True)):
+        rec = extract_features(loaded.build(16), CropDataset(items, resize=48, size=48),
+                               input_mode="rgb", per_tap=per_tap, batch_size=4, workers=0,
+                               device=torch.device("cpu"), grid=grid)
+        assert rec["features"].shape == (8, 2 if per_tap else 1, channels * grid * grid)
+    results = {}
+    for sets in (["pool=grid"], ["pool=global"], ["pool=grid", "lasso=true"]):
+        s = suite_settings("imagenet", "smoke", ["resize=32", "image_size=32", "epochs=30",
+                                                 *sets])
+        results[" ".join(sets)] = run(loaded, data, s, cache_dir=tmp_path / "cache")
+    assert all(r["metrics"]["top1"] == 1.0 for r in results.values())  # red vs blue
+    assert len(results["pool=grid lasso=true"]["alpha"]) == 2

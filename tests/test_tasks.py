@@ -204,12 +204,12 @@ def test_relative_position_learns_a_layout_readable_from_colour():
     head stays at chance."""
     from mtssl.models.lasso import TapMix
     cfg = task_cfg("relative_position", gap=0, jitter=0, color_drop=False, min_pixels=40000,
-                   max_pixels=60000, normalize_patches=False, downsample_prob=0.0, pairs=1)
+                   max_pixels=60000, normalize_patches=False, downsample_prob=0.0)
     yy, xx = np.mgrid[0:250, 0:250]
     img = np.stack([xx * 255 // 250, yy * 255 // 250, np.zeros_like(xx)], -1).astype(np.uint8)
     sampler = TASKS["relative_position"].build_sampler(cfg, TRUNK, False)
     stream = TaskStream(source=ArrayImages([("coordinates", img)]), sampler=sampler,
-                        batch_size=16, seed=0, stream_id=0)
+                        batch_size=4, seed=0, stream_id=0)  # 4 grids x 8 pairs
     torch.manual_seed(0)
     trunk = ResNetV2Trunk(units=(1, 1, 2), width=0.0625, output_stride=8)
     head, mix = TASKS["relative_position"].build_head(cfg, TRUNK), TapMix(num_taps=2)
