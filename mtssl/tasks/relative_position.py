@@ -3,8 +3,8 @@
 Sampler: resize the image to a random area, lay a 3x3 grid of patches with gaps and jitter
 (the gap and jitter stop the net from matching edges and textures across the border), take
 the centre patch and `pairs` of its neighbours, each patch normalised to zero mean and unit
-variance on its own and some randomly downsampled and upsampled again (Doersch et al. 2015
-sec. 4, kept by Doersch & Zisserman 2017 sec. 3: against low-level cues; see README).
+variance on its own and some randomly downsampled and upsampled again (against low-level
+cues; Doersch et al. 2015, as issue 9 lists them; docs/experiments.md).
 Several pairs share one grid's centre: the image is decoded, resized and its centre patch
 run through the trunk once for all of them. Head: two residual units per patch, flatten,
 join each (centre, neighbour) pair, three fully connected residual units, 8-way classifier.
@@ -91,7 +91,7 @@ class RelativePositionSampler:
             y = y0 + r * step + int(rng.integers(-c.jitter, c.jitter + 1))
             x = x0 + col * step + int(rng.integers(-c.jitter, c.jitter + 1))
             patches.append(self.transform(to_tensor(img[y:y + c.patch_size, x:x + c.patch_size]), rng))
-        # (1 + pairs, 3, P, P): the centre, then the neighbours of `label`, in order
+        # (1 + pairs, 3, P, P): the centre, then the neighbours that `label` names, in order
         return {"patches": torch.stack(patches).numpy(), "label": labels.astype(np.int64)}
 
     def transform(self, patch: Tensor, rng: np.random.Generator) -> Tensor:
