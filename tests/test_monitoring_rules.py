@@ -37,7 +37,7 @@ def promtool(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess:
 def test_promtool_check_rules():
     out = promtool("check", "rules", RULES.name)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 8 rules found" in out.stdout
+    assert "SUCCESS: 10 rules found" in out.stdout
 
 
 def test_promtool_unit_tests_pass():
@@ -55,7 +55,7 @@ def test_every_alert_has_unit_tests_that_fire_it_and_that_keep_it_quiet():
               for r in g["rules"] if "alert" in r}
     assert alerts == {"MtsslGpuBudget80Percent", "MtsslGpuBudgetReached",
                       "MtsslTrainingPastBudget", "MtsslTrainingStalled", "MtsslRunNotTraining",
-                      "MtsslJobFailed"}
+                      "MtsslJobFailed", "MtsslTaskAtChance", "MtsslTaskCollapsed"}
     cases = [c for t in rule_tests()["tests"] for c in t.get("alert_rule_test", [])]
     for alert in alerts:
         assert any(c["alertname"] == alert and c["exp_alerts"] for c in cases), alert
@@ -79,7 +79,7 @@ def test_budget_reached_is_informational_and_only_training_past_it_is_critical()
     # past-budget without the "still stepping" clause fires for a slow final checkpoint
     ("            and on (namespace, run)\n          sum by (namespace, run) "
      "(rate(mtssl_steps_total{role!=\"worker\"}[5m])) > 0\n", ""),
-    ("for: 10m", "for: 1m"),
+    ("> 0\n        for: 10m", "> 0\n        for: 1m"),
     ("> 900", "> 1800"),
     ("for: 5m\n        labels:\n          severity: warning",
      "for: 1m\n        labels:\n          severity: warning"),
@@ -87,10 +87,23 @@ def test_budget_reached_is_informational_and_only_training_past_it_is_critical()
     ("            unless on (namespace, pod)\n          min by (namespace, pod) "
      "(time() - mtssl_last_step_timestamp_seconds) < 900\n", ""),
     ('phase=~"Pending|Running"', 'phase="Running"'),
-    ("for: 15m", "for: 5m"),
+    ("< 900\n        for: 15m", "< 900\n        for: 5m"),
     (', condition="true"', ""),
     ("for: 5m\n        labels:\n          severity: critical",
      "for: 1m\n        labels:\n          severity: critical"),
+    # learning health: a healthy task fires
+    ('(mtssl_task_unhealthy{status="at_chance"}) == 1',
+     '(mtssl_task_unhealthy{status="at_chance"}) >= 0'),
+    # without max by, the restarted coordinator pod's series pends anew, with a pod label
+    ('max by (namespace, run, task, status) (mtssl_task_unhealthy{status="at_chance"}) == 1',
+     'mtssl_task_unhealthy{status="at_chance"} == 1'),
+    # flags that clear within 15 (at chance) or 10 minutes (collapse) fire
+    ('status="at_chance"}) == 1\n        for: 15m', 'status="at_chance"}) == 1\n        for: 5m'),
+    ('rank_collapse"}) == 1\n        for: 10m', 'rank_collapse"}) == 1\n        for: 1m'),
+    # a rank collapse is a collapse too
+    ('status=~"collapsed|rank_collapse"', 'status="collapsed"'),
+    ('rank_collapse"}) == 1\n        for: 10m\n        labels:\n          severity: critical',
+     'rank_collapse"}) == 1\n        for: 10m\n        labels:\n          severity: warning'),
 ])
 def test_unit_tests_fail_when_a_rule_is_broken(tmp_path, old, new):
     text = RULES.read_text()
