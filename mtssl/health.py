@@ -29,6 +29,17 @@ HEALTH_STREAM = 2000  # stream ids of the health samples, apart from training's 
 UNHEALTHY = ("at_chance", "collapsed", "rank_collapse")
 
 
+def run_progress(cfg: Config, *, step: int, device_hours: float, wall_s: float) -> float:
+    """How far a run is toward whichever limit stops it first (steps, device-hour budget or
+    time budget), in [0, 1]: the grace period of the at-chance check is a fraction of this."""
+    done = [step / cfg.schedule.max_steps]
+    if cfg.budget.gpu_hours:
+        done.append(device_hours / cfg.budget.gpu_hours)
+    if cfg.schedule.time_budget_s:
+        done.append(wall_s / cfg.schedule.time_budget_s)
+    return min(1.0, max(done))
+
+
 def effective_rank(features: Tensor) -> float:
     """exp(entropy of the normalised singular values) of (N, C) features, centred: 1 when all
     rows differ along one direction only, min(N, C) when they spread evenly."""
@@ -98,7 +109,8 @@ class HealthCheck:
                                   if isinstance(v, Tensor)}
             self.split[task] = split
 
-    def evaluate(self, model, *, step: int, max_steps: int) -> dict[str, TaskHealth]:
+    def evaluate(self, model, *, step: int, progress: float) -> dict[str, TaskHealth]:
+        """`progress`: run_progress() of the run now (the grace period is measured in it)."""
         h = self.cfg.health
         out: dict[str, TaskHealth] = {}
         with frozen_norm_statistics(model):
@@ -122,7 +134,7 @@ class HealthCheck:
                     status, detail = "rank_collapse", (
                         f"pooled features have effective rank {rank:.2f} "
                         f"(< {h.min_effective_rank}): nearly one direction")
-                elif step < h.grace_fraction * max_steps:
+                elif progress < h.grace_fraction:
                     status, detail = "warming_up", ""
                 elif value - chance <= h.margin:
                     status, detail = "at_chance", (

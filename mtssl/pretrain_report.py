@@ -20,7 +20,7 @@ from mtssl.colour import lab_to_rgb
 from mtssl.config import from_dict
 from mtssl.data.sources import TaskData
 from mtssl.eval.report import plot_alpha_matrix
-from mtssl.health import HealthCheck
+from mtssl.health import HealthCheck, run_progress
 from mtssl.models.multitask import MultiTaskNet
 from mtssl.storage import open_storage
 from mtssl.train import skip_summary
@@ -109,7 +109,9 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["## Training curves", "", "![loss and pretext metric per task](curves.png)", ""]
 
     health = HealthCheck(cfg, data, model, torch.device("cpu"))
-    found = health.evaluate(model, step=step, max_steps=cfg.schedule.max_steps)
+    hours = sum(float(v) for v in ckpt["device_seconds"].values()) / 3600
+    found = health.evaluate(model, step=step, progress=run_progress(
+        cfg, step=step, device_hours=hours, wall_s=float(ckpt["wall_s"])))
     lines += ["## Did every task learn?", "", verdict(found), "",
               "Pretext metric of the latest checkpoint on a fixed sample of each task's held-out "
               f"items (one source item in {cfg.data.holdout_every} never trained on; "

@@ -19,7 +19,7 @@ from mtssl.config import Config, ConfigError, from_dict, save_config, to_dict
 from mtssl.data.sources import TaskData
 from mtssl.data.stream import loader
 from mtssl.distributed.env import metrics_port, run_name
-from mtssl.health import UNHEALTHY, HealthCheck
+from mtssl.health import UNHEALTHY, HealthCheck, run_progress
 from mtssl.metrics import Metrics
 from mtssl.models.multitask import MultiTaskNet
 from mtssl.optim import PerTaskRMSProp
@@ -227,8 +227,10 @@ class TrainingRun:
         """Run the learning-health checks (mtssl/health.py); their log record, or None if off."""
         if self.health is None:
             return None
-        found = self.health.evaluate(self.model, step=self.state.step,
-                                     max_steps=self.cfg.schedule.max_steps)
+        progress = run_progress(self.cfg, step=self.state.step,
+                                device_hours=self.state.device_total_s / 3600,
+                                wall_s=self.state.wall_s)
+        found = self.health.evaluate(self.model, step=self.state.step, progress=progress)
         for task, h in found.items():
             self.metrics.health(task, metric=h.metric, value=h.value, chance=h.chance,
                                 effective_rank=h.effective_rank, status=h.status,

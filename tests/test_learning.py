@@ -67,6 +67,16 @@ def test_health_check_flags_a_collapsed_exemplar_head_and_not_a_healthy_one():
     assert head.collapse({"retrieval_acc": 0.6, "spread": 1.2}) is None
 
 
+def test_progress_counts_toward_the_first_limit(tiny_config):
+    from mtssl.health import run_progress
+    by_steps = tiny_config("schedule.max_steps=100")
+    assert run_progress(by_steps, step=25, device_hours=5.0, wall_s=1e6) == 0.25
+    budget = tiny_config("schedule.max_steps=1000000", "budget.gpu_hours=2")
+    assert run_progress(budget, step=25, device_hours=1.0, wall_s=0) == 0.5
+    timed = tiny_config("schedule.max_steps=1000000", "schedule.time_budget_s=100")
+    assert run_progress(timed, step=25, device_hours=1.0, wall_s=150) == 1.0
+
+
 def test_effective_rank():
     g = torch.Generator().manual_seed(0)
     spread = torch.randn(256, 16, generator=g)
@@ -81,7 +91,7 @@ def test_health_check_fires_on_collapsed_heads_and_stays_quiet_on_healthy_ones(t
     run = Trainer(tiny_config("tasks.relative_position.enabled=false",
                               "tasks.colorization.enabled=false", "data.holdout_every=4"))
     assert run.health.split["exemplar"] == "holdout"  # 13 photos: items 3, 7, 11 held out
-    healthy = run.health.evaluate(run.model, step=10, max_steps=10)
+    healthy = run.health.evaluate(run.model, step=10, progress=1.0)
     assert healthy["exemplar"].status == "learning"  # random features already retrieve views
     assert healthy["exemplar"].chance == pytest.approx(1 / run.health.batches["exemplar"]
                                                        ["views"].shape[0])
@@ -92,10 +102,10 @@ def test_health_check_fires_on_collapsed_heads_and_stays_quiet_on_healthy_ones(t
             p.zero_()
         for p in run.model.heads["motion_segmentation"].parameters():
             p.zero_()
-    broken = run.health.evaluate(run.model, step=10, max_steps=10)
+    broken = run.health.evaluate(run.model, step=10, progress=1.0)
     assert broken["exemplar"].status == "collapsed" and "collapsed" in broken["exemplar"].detail
     assert broken["motion_segmentation"].status == "at_chance"
-    early = run.health.evaluate(run.model, step=1, max_steps=10)
+    early = run.health.evaluate(run.model, step=1, progress=0.1)
     assert early["motion_segmentation"].status == "warming_up"  # within the grace period
     after = run.model.state_dict()  # checks run with batch statistics and leave the running ones
     assert all(torch.equal(before[k], after[k]) for k in before if "running" in k)
