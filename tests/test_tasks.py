@@ -225,3 +225,25 @@ def test_relative_position_learns_a_layout_readable_from_colour():
         opt.step()
         accs.append(out.metrics["acc"])
     assert np.mean(accs[-30:]) > 0.3, np.mean(accs[-30:])
+
+
+def test_colorization_skill_is_zero_for_the_best_constant_and_high_for_the_targets():
+    cfg, batch = fixed_batch("colorization")
+    head = TASKS["colorization"].build_head(cfg, TRUNK)
+    head.calibrate([batch])
+    idx, weight = head.targets(batch["ab"], (4, 4))
+    rebalance = head.class_weights[idx[:, 0]]
+    q = len(head.bins)
+
+    def skill(logits):
+        logp = torch.log_softmax(logits, dim=1)
+        loss = (rebalance * -(weight * logp.gather(1, idx)).sum(1)).mean()
+        return head.scores(logits, idx, weight, rebalance, loss)["metrics"]["skill"]
+
+    mass = torch.zeros(q).index_add_(0, idx.flatten(), (weight * rebalance[:, None]).flatten())
+    constant = (mass / mass.sum()).clamp_min(1e-12).log()[None, :, None, None].expand(
+        len(idx), q, 4, 4)
+    assert skill(constant) == pytest.approx(0.0, abs=1e-5)
+    targets = torch.full((len(idx), q, 4, 4), 1e-6).scatter_add(1, idx, weight).log()
+    assert skill(targets) > 0.5
+    assert skill(torch.zeros(len(idx), q, 4, 4)) < 0  # uniform: worse than the constant
