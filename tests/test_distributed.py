@@ -245,8 +245,12 @@ def test_async_run_bounded_staleness_budget_and_metrics(tmp_path, launches):
                 scrape(ports["coordinator"])
         except OSError:
             break  # the run ended between two scrapes
+        # The coordinator counts a round's step before it publishes the new totals: a scrape
+        # between the two sees equal steps and the previous hours, so both must agree.
         same = all(pick(c, "mtssl_steps_total", task=t, role="coordinator")
                    == pick(w, "mtssl_steps_total", task=t, role="worker") > 0
+                   and pick(w, "mtssl_device_seconds_total", task=t, role="worker")
+                   == pytest.approx(3600 * pick(c, "mtssl_gpu_hours_total", task=t), rel=1e-9)
                    for t, w in workers.items() for c in (c1, c2))
         if same:
             consistent = (c1, workers)
