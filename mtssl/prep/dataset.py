@@ -247,7 +247,8 @@ def prepare(cfg: PrepConfig, *, overwrite: bool = False) -> dict:
     return manifest
 
 
-def _prior(counts: np.ndarray | None) -> dict | None:
+def prior_entry(counts: np.ndarray | None) -> dict | None:
+    """The manifest's colour prior from (Q,) ab-bin counts (prep-merge: the summed counts)."""
     if counts is None:
         return None
     import torch
@@ -276,7 +277,7 @@ def build_manifest(cfg: PrepConfig, fp: str, images: StreamResult, frames: Strea
                              "dropped": {k.split(":", 1)[1]: v for k, v in sorted(masks.items())
                                          if k.startswith("dropped:")}},
                    "shards": frames.shards},
-        "colour_prior": _prior(images.stats.prior),
+        "colour_prior": prior_entry(images.stats.prior),
         "skipped": {"count": len(skipped),
                     "by_reason": dict(sorted(collections.Counter(s[1] for s in skipped).items())),
                     "items": skipped},

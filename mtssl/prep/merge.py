@@ -18,7 +18,7 @@ import re
 import numpy as np
 
 from mtssl.data.shards import MANIFEST, read_manifest
-from mtssl.prep.dataset import PARTITIONS, _prior, part_name
+from mtssl.prep.dataset import PARTITIONS, part_name, prior_entry
 from mtssl.prep.shards import PrepError
 from mtssl.storage import NotFound, Storage, open_storage
 
@@ -94,7 +94,7 @@ def merge(uri: str) -> dict:
                    "masks": {"kept": sum(p["frames"]["masks"]["kept"] for p in parts),
                              "dropped": dict(sorted(dropped.items()))},
                    "shards": [s for p in parts for s in p["frames"]["shards"]]},
-        "colour_prior": _prior(sum(priors)) if priors else None,
+        "colour_prior": prior_entry(sum(priors)) if priors else None,
         "skipped": {"count": len(skipped),
                     "by_reason": dict(sorted(collections.Counter(s[1] for s in skipped).items())),
                     "items": skipped},
