@@ -122,8 +122,9 @@ def main() -> None:
         a, b = rows[small][k], rows[large][k]
         print(f"{what}, {large} vs {small} images: peak RSS {b['work_peak_mib']:.1f} / "
               f"{a['work_peak_mib']:.1f} MiB = {b['work_peak_mib'] / a['work_peak_mib']:.3f}; "
-              f"growth while working {growth(b):.1f} / {growth(a):.1f} MiB; largest worker "
-              f"{b['worker_peak_mib']:.1f} / {a['worker_peak_mib']:.1f} MiB")
+              f"growth while working {growth(b):.1f} / {growth(a):.1f} MiB"
+              + (f"; largest worker {b['worker_peak_mib']:.1f} / {a['worker_peak_mib']:.1f} MiB"
+                 if what == "prep" and args.workers > 1 else ""))
 
 
 def growth(row: dict) -> float:
