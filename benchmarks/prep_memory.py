@@ -9,7 +9,7 @@ transient is handed back (malloc_trim) and the high-water mark (VmHWM) is reset,
 compared is the process's peak while preparing (or reading), libraries included, split into the
 RSS after imports and the growth while working.
 
-    python benchmarks/prep_memory.py [--sizes 1000 10000] [--workers 0]
+    python benchmarks/prep_memory.py [--sizes 1000 10000] [--workers 1]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from PIL import Image
 CALTECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "unlabeled" / "caltech"
 
 CHILD = r"""
-import ctypes, gc, json, sys, time
+import ctypes, gc, json, resource, sys, time
 from mtssl.prep.dataset import prepare
 from mtssl.prep.options import PrepConfig
 from mtssl.prep.samples import _bins
@@ -58,7 +58,9 @@ else:
     source = ShardImages(out)
     n = sum(source.load(i).shape[0] > 0 for i in range(len(source)))
 print(json.dumps({"n": n, "seconds": time.perf_counter() - t0, "startup_peak_mib": loaded,
-                  "rss_before_mib": before, "work_peak_mib": status_mib("VmHWM")}))
+                  "rss_before_mib": before, "work_peak_mib": status_mib("VmHWM"),
+                  # the largest worker process's peak (0 when the prep ran in this process)
+                  "worker_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
 
@@ -95,7 +97,8 @@ def run_child(mode: str, src: Path, out: Path, workers: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
-    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1, help="prep processes (1: in the "
+                    "measured process itself, whose peak RSS is then the whole prep's)")
     args = ap.parse_args()
     pool = photos()
     rows = {}
@@ -111,7 +114,7 @@ def main() -> None:
             print(f"{n:>6} images (made in {made:.0f}s): prep {prep['n'] / prep['seconds']:.0f} "
                   f"files/s, peak RSS {prep['work_peak_mib']:.1f} MiB = "
                   f"{prep['rss_before_mib']:.1f} after imports + {growth(prep):.1f} while "
-                  f"preparing | read all back: {read['n'] / read['seconds']:.0f} images/s, peak "
+                  f"preparing, largest worker {prep['worker_peak_mib']:.1f} MiB | read all back: {read['n'] / read['seconds']:.0f} images/s, peak "
                   f"RSS {read['work_peak_mib']:.1f} MiB = {read['rss_before_mib']:.1f} + "
                   f"{growth(read):.1f}", flush=True)
     small, large = min(rows), max(rows)
@@ -119,7 +122,9 @@ def main() -> None:
         a, b = rows[small][k], rows[large][k]
         print(f"{what}, {large} vs {small} images: peak RSS {b['work_peak_mib']:.1f} / "
               f"{a['work_peak_mib']:.1f} MiB = {b['work_peak_mib'] / a['work_peak_mib']:.3f}; "
-              f"growth while working {growth(b):.1f} / {growth(a):.1f} MiB")
+              f"growth while working {growth(b):.1f} / {growth(a):.1f} MiB"
+              + (f"; largest worker {b['worker_peak_mib']:.1f} / {a['worker_peak_mib']:.1f} MiB"
+                 if what == "prep" and args.workers > 1 else ""))
 
 
 def growth(row: dict) -> float:

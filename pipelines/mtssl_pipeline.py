@@ -1,6 +1,7 @@
-"""The mtssl Kubeflow pipeline (KFP v2): dataset prep -> training (launched and followed) ->
-evaluation of every milestone checkpoint on ImageNet-style, PASCAL VOC and NYU depth suites ->
-a report published as KFP metrics, HTML and Markdown.
+"""The mtssl Kubeflow pipeline (KFP v2): dataset prep (input partitions in parallel pods, then a
+merge) -> training (launched and followed) -> evaluation of every milestone checkpoint on
+ImageNet-style, PASCAL VOC and NYU depth suites -> a report published as KFP metrics, HTML and
+Markdown.
 
 Every component runs in one of the mtssl images (images/: the slim CPU one, the CUDA one for
 GPU evaluation) and calls one function of mtssl.k8s.stages; compile with
@@ -37,9 +38,24 @@ gpu_component = dsl.component(base_image=STEP_GPU_IMAGE if EVAL_GPUS else STEP_C
 
 
 @component
-def prepare_data(data: str, prepared: str) -> NamedTuple("Data", images=str, frames=str):
-    from mtssl.k8s.stages import prepare
-    images, frames = prepare(data=data, prepared=prepared)
+def plan_prep(data: str, prepared: str, partitions: int) -> List[str]:
+    """`K/N` per partition of `data` to prepare (one item, 'none', when nothing is to do)."""
+    from mtssl.prep.stages import plan_partitions
+    return plan_partitions(data=data, prepared=prepared, partitions=partitions)
+
+
+@component
+def prepare_partition(data: str, prepared: str, partition: str):
+    """`mtssl prep DATA PREPARED --partition K/N` on every CPU of the pod."""
+    from mtssl.prep.stages import prepare_partition as run
+    run(data=data, prepared=prepared, partition=partition)
+
+
+@component
+def merge_prep(data: str, prepared: str) -> NamedTuple("Data", images=str, frames=str):
+    """`mtssl prep-merge PREPARED`: the partitions' shards under one manifest."""
+    from mtssl.prep.stages import merge_partitions
+    images, frames = merge_partitions(data=data, prepared=prepared)
     return NamedTuple("Data", images=str, frames=str)(images, frames)
 
 
@@ -154,6 +170,7 @@ def mtssl_pipeline(
         overrides: List[str] = [],
         data: str = "embedded",
         prepared: str = "s3://mtssl/prepared/default",
+        prep_partitions: int = 4,
         tasks: List[str] = ALL_TASKS,
         budget_gpu_hours: float = 0.0,
         storage: str = "",
@@ -171,7 +188,8 @@ def mtssl_pipeline(
         eval_settings: str = "smoke",
         random_baseline: bool = True):
     """config: built-in name or YAML path in the image; overrides: extra `--set` values;
-    data: 'embedded' or a folder/URI to prepare into `prepared`; budget_gpu_hours: 0 keeps
+    data: 'embedded' or a folder/URI to prepare into `prepared`; prep_partitions: pods that
+    prepare it, each a share of the input, before one merge; budget_gpu_hours: 0 keeps
     the config's; storage: '' keeps the config's (on Kubernetes the profile's
     s3://mtssl/runs/{name}, {name} being the run); launcher: k8s (a cluster) or local
     (kfp.local runs only); run: '' names the run after this pipeline run's ID; namespace: ''
@@ -182,8 +200,21 @@ def mtssl_pipeline(
                       run=run, job_id=job_id, namespace=namespace)
     cleaned.set_caching_options(False)
     with dsl.ExitHandler(cleaned, name="run"):
-        prep = _data(_s3(prepare_data(data=data, prepared=prepared)), data_pvc)
-        prep.set_cpu_request("2").set_memory_request("4Gi").set_memory_limit("8Gi")
+        parts = plan_prep(data=data, prepared=prepared, partitions=prep_partitions)
+        _data(_s3(parts), data_pvc)
+        # Plan and merge look at what is in storage now: a cached answer could be stale.
+        parts.set_caching_options(False)
+        with dsl.ParallelFor(parts.output) as partition:
+            part = _data(_s3(prepare_partition(data=data, prepared=prepared,
+                                               partition=partition)), data_pvc)
+            # The CPU limit is what `mtssl prep` counts as its cores (one worker process each);
+            # motion masks are CPU-bound, memory is a few hundred MiB per worker.
+            part.set_cpu_request("4").set_cpu_limit("4")
+            part.set_memory_request("4Gi").set_memory_limit("8Gi")
+            part.set_caching_options(False)  # resumes an interrupted partition, else no-op
+        prep = _data(_s3(merge_prep(data=data, prepared=prepared)), data_pvc).after(part)
+        prep.set_cpu_request("1").set_memory_request("1Gi").set_memory_limit("2Gi")
+        prep.set_caching_options(False)
 
         trained = _s3(train(config=config, overrides=overrides, images=prep.outputs["images"],
                             frames=prep.outputs["frames"], tasks=tasks,

@@ -55,7 +55,7 @@ def test_ir_check_notices_a_change(tmp_path):
 
 def test_ui_parameters(ir):
     params = ir["pipeline"]["root"]["inputDefinitions"]["parameters"]
-    for name in ("config", "data", "budget_gpu_hours", "tasks", "eval_sets", "imagenet_data",
+    for name in ("config", "data", "prep_partitions", "budget_gpu_hours", "tasks", "eval_sets", "imagenet_data",
                  "pascal_data", "nyu_data", "overrides", "storage", "launcher", "run",
                  "namespace", "data_pvc", "cpu_image", "gpu_image"):
         assert name in params, name
@@ -66,6 +66,7 @@ def test_ui_parameters(ir):
                                                "motion_segmentation"]
     assert params["eval_sets"]["defaultValue"] == ["imagenet", "pascal", "nyu"]
     assert params["launcher"]["defaultValue"] == "k8s"
+    assert params["prep_partitions"]["defaultValue"] == 4
 
 
 def test_stages_run_in_the_image_with_resources_and_secrets(ir):
@@ -73,7 +74,8 @@ def test_stages_run_in_the_image_with_resources_and_secrets(ir):
     # the CUDA image only where a GPU is used; the slim CPU one everywhere else
     assert {n: e["container"]["image"] for n, e in executors.items()} == {
         "exec-evaluate": GPU_IMAGE, **{f"exec-{n}": CPU_IMAGE for n in (
-            "prepare-data", "train", "plan", "report", "cleanup")}}
+            "plan-prep", "prepare-partition", "merge-prep", "train", "plan", "report",
+            "cleanup")}}
     # no pip install at run time: kfp comes with the image
     assert not any("pip install" in " ".join(e["container"]["command"])
                    for e in executors.values())
@@ -81,8 +83,12 @@ def test_stages_run_in_the_image_with_resources_and_secrets(ir):
     assert evaluate["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert evaluate["accelerator"]["resourceCount"] == "1"
     assert executors["exec-train"]["container"]["resources"]["resourceMemoryLimit"] == "2Gi"
+    # `mtssl prep` runs one worker per CPU of its limit
+    part = executors["exec-prepare-partition"]["container"]["resources"]
+    assert part["resourceCpuLimit"] == part["resourceCpuRequest"] == "4"
     platform = ir["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for name in ("exec-prepare-data", "exec-train", "exec-evaluate", "exec-report"):
+    for name in ("exec-plan-prep", "exec-prepare-partition", "exec-merge-prep", "exec-train",
+                 "exec-evaluate", "exec-report"):
         secrets = platform[name]["secretAsEnv"]
         keys = {k["secretKey"]: k["envVar"] for s in secrets for k in s["keyToEnv"]}
         assert keys["access-key"] == "MTSSL_S3_ACCESS_KEY" and keys["endpoint"] == \
@@ -90,7 +96,8 @@ def test_stages_run_in_the_image_with_resources_and_secrets(ir):
         assert {s["secretName"] for s in secrets} == {"mtssl-s3"}
     assert "value" not in json.dumps(ir["platform"])  # references only, never secret values
     # every step that reads data sees the data_pvc parameter's claim at /data
-    for name in ("exec-prepare-data", "exec-evaluate", "exec-report"):
+    for name in ("exec-plan-prep", "exec-prepare-partition", "exec-merge-prep", "exec-evaluate",
+                 "exec-report"):
         (mount,) = platform[name]["pvcMount"]
         assert mount["mountPath"] == "/data"
         assert mount["pvcNameParameter"] == {"componentInputParameter":
@@ -109,9 +116,18 @@ def test_dag_order_inside_an_exit_handler_that_cleans_up(ir):
     assert root["cleanup"]["dependentTasks"] == ["exit-handler-1"]
     assert root["cleanup"]["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
     tasks = ir["pipeline"]["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert tasks["train"]["dependentTasks"] == ["prepare-data"]
+    # prep: one pod per planned partition, then the merge, then training
+    prep_loop = next(n for n, t in tasks.items()
+                     if t.get("parameterIterator", {}).get("items", {}).get("inputParameter")
+                     == "pipelinechannel--plan-prep-Output")
+    assert tasks[prep_loop]["dependentTasks"] == ["plan-prep"]
+    assert tasks["merge-prep"]["dependentTasks"] == [prep_loop]
+    assert tasks["train"]["dependentTasks"] == ["merge-prep"]
     assert tasks["plan"]["dependentTasks"] == ["train"]
-    assert set(tasks["report"]["dependentTasks"]) >= {"for-loop-2", "train"}
+    eval_loop = next(n for n, t in tasks.items()
+                     if t.get("parameterIterator", {}).get("items", {}).get("inputParameter")
+                     == "pipelinechannel--plan-Output")
+    assert set(tasks["report"]["dependentTasks"]) >= {eval_loop, "train"}
     assert tasks["train"]["cachingOptions"] == {}
     # both take the pipeline run's ID to name the run
     for task in (root["cleanup"], tasks["train"]):
@@ -120,6 +136,28 @@ def test_dag_order_inside_an_exit_handler_that_cleans_up(ir):
 
 
 # --- stage functions ------------------------------------------------------------------------
+
+def test_prep_stages_plan_prepare_and_merge_partitions(shared_data, tmp_path):
+    """The fanned-out prep as the pipeline runs it: N partition preps, one merge, then reuse."""
+    from mtssl.prep import stages as prep_stages
+    from test_prep import link_photos
+    src, out = tmp_path / "in", str(tmp_path / "prepared")
+    link_photos(shared_data, src, 7)
+    assert prep_stages.plan_partitions(data="embedded", prepared="", partitions=3) == ["none"]
+    assert prep_stages.merge_partitions(data="embedded", prepared="") == ("embedded", "embedded")
+    plan = prep_stages.plan_partitions(data=str(src), prepared=out, partitions=3)
+    assert plan == ["1/3", "2/3", "3/3"]
+    for partition in plan:
+        prep_stages.prepare_partition(data=str(src), prepared=out, partition=partition)
+    assert prep_stages.merge_partitions(data=str(src), prepared=out) == (out, out)
+    manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
+    assert manifest["partitions"] == 3 and manifest["images"]["count"] == 7
+    # a later pipeline run reuses the complete dataset: nothing to prepare, nothing to merge
+    assert prep_stages.plan_partitions(data=str(src), prepared=out, partitions=3) == ["none"]
+    prep_stages.prepare_partition(data=str(src), prepared=out, partition="none")
+    with pytest.raises(ConfigError, match="prep_partitions"):
+        prep_stages.plan_partitions(data=str(src), prepared=out, partitions=0)
+
 
 def test_training_overrides_enable_exactly_the_chosen_tasks():
     out = stages.training_overrides(images="embedded", frames="embedded",

@@ -31,7 +31,7 @@ def link_photos(shared_data, dest, n, *, folders=("a", "a/b", "c/d/e")):
 
 
 def options(src, out, **kw):
-    kw = {"short_side": 64, "shard_max_items": 5, "progress": False, **kw}
+    kw = {"short_side": 64, "shard_max_items": 5, "progress": False, "workers": 1, **kw}
     return PrepConfig(input=str(src), output=str(out), **kw)
 
 
@@ -114,7 +114,8 @@ def test_colour_prior_matches_an_independent_count(photos, tmp_path):
     assert prior["bins"] == len(bins) and abs(sum(prior["prior"]) - 1) < 1e-6
 
 
-def test_rerun_is_identical_and_interrupted_prep_resumes(photos, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_rerun_is_identical_and_interrupted_prep_resumes(photos, tmp_path, monkeypatch, workers):
     src, _ = photos
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
     prepare(options(src, clean))
@@ -132,7 +133,7 @@ def test_rerun_is_identical_and_interrupted_prep_resumes(photos, tmp_path, monke
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     with pytest.raises(KeyboardInterrupt):
-        prepare(options(src, resumed, tmp_dir=str(tmp)))
+        prepare(options(src, resumed, tmp_dir=str(tmp), workers=workers))
     monkeypatch.undo()
     assert not (resumed / "manifest.json").exists() and list(tmp.iterdir()) == []
     assert (resumed / "images/shard-000002.tar").exists()  # orphan tar, no index
@@ -141,7 +142,7 @@ def test_rerun_is_identical_and_interrupted_prep_resumes(photos, tmp_path, monke
     real_put_file = LocalStorage.put_file
     monkeypatch.setattr(LocalStorage, "put_file", lambda self, key, path: (
         uploads.append(key), real_put_file(self, key, path)))
-    prepare(options(src, resumed))
+    prepare(options(src, resumed, workers=workers))
     assert uploads == [f"images/shard-00000{i}.tar" for i in (2, 3, 4)]  # 0 and 1 were kept
     assert files_digest(resumed) == reference
 

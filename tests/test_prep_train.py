@@ -29,7 +29,7 @@ def test_trainer_steps_on_prepared_shards_with_workers(shared_data, tmp_path, ou
     (src / "davis" / "camel").symlink_to(shared_data / "davis2016/JPEGImages/480p/camel")
     manifest = prepare(PrepConfig(input=str(src), output=output, short_side=96,
                                   shard_max_items=6, frames_per_video=6, frame_short_side=96,
-                                  progress=False))
+                                  progress=False, workers=1))
     assert manifest["images"]["count"] == 16 and manifest["frames"]["count"] >= 1
     cfg = load_config("quickstart", TINY + [
         f"output.dir={tmp_path / 'run'}", "schedule.max_steps=2", "output.log_every=1",

@@ -55,7 +55,7 @@ def clips(shared_data, tmp_path):
 def test_videos_and_frame_folders_become_filtered_frame_mask_pairs(clips, tmp_path):
     out = tmp_path / "out"
     manifest = prepare(PrepConfig(input=str(clips), output=str(out), frames_per_video=4,
-                                  frame_short_side=96, progress=False))
+                                  frame_short_side=96, progress=False, workers=1))
     frames = manifest["frames"]
     assert manifest["images"]["count"] == 0 and manifest["skipped"]["count"] == 0
     assert frames["clips"] == 4  # 2 videos + 2 frame folders; DAVIS frames are not images
@@ -93,7 +93,7 @@ def test_each_stored_frame_is_frame_t_of_its_video(clips, shared_data, tmp_path,
     monkeypatch.setattr(video, "motion_pair", keep_all_stand_in)
     out = tmp_path / "out"
     manifest = prepare(PrepConfig(input=str(clips), output=str(out), frames_per_video=3,
-                                  frame_short_side=72, exclude=("davis",), progress=False))
+                                  frame_short_side=72, exclude=("davis",), progress=False, workers=1))
     assert manifest["frames"]["masks"] == {"kept": 6, "dropped": {}}
     sources = {"videos/carphone_pristine.mp4": shared_data / "videos/carphone_pristine.mp4",
                "videos/bikes.mp4": shared_data / "videos/bikes.mp4"}
@@ -119,14 +119,16 @@ def test_each_stored_frame_is_frame_t_of_its_video(clips, shared_data, tmp_path,
 
 def test_frame_shards_are_reproducible(shared_data, tmp_path):
     """Masks depend only on the frames: a second prep in the same process (OpenCV's RNG state
-    advanced by the first) writes byte-identical shards."""
+    advanced by the first) and one in two worker processes write byte-identical shards."""
     src = tmp_path / "in"
     src.mkdir()
     (src / "camel").symlink_to(shared_data / "davis2016/JPEGImages/480p/camel")
     runs = [prepare(PrepConfig(input=str(src), output=str(tmp_path / name), frames_per_video=6,
-                               frame_short_side=96, progress=False)) for name in ("a", "b")]
+                               frame_short_side=96, progress=False, workers=workers))
+            for name, workers in (("a", 1), ("b", 1), ("c", 2))]
     assert runs[0]["frames"]["count"] > 0
-    assert files_digest(tmp_path / "a") == files_digest(tmp_path / "b")
+    assert files_digest(tmp_path / "a") == files_digest(tmp_path / "b") == \
+        files_digest(tmp_path / "c")
 
 
 def _write_video(path, frames, **options):
@@ -183,7 +185,7 @@ def test_broken_videos_and_frames_are_skipped_with_reasons(shared_data, tmp_path
     (seq / "00004.jpg").unlink()
     (seq / "00004.jpg").write_text("garbage")
     manifest = prepare(PrepConfig(input=str(src), output=str(out), frames_per_video=5,
-                                  frame_short_side=64, progress=False))
+                                  frame_short_side=64, progress=False, workers=1))
     skipped = {name: reason for name, reason, _ in manifest["skipped"]["items"]}
     assert skipped == {
         "bad/empty.mp4": "empty_file", "bad/text.mp4": "unreadable_video",

@@ -38,7 +38,7 @@ def prepared(shared_data, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     link_photos(shared_data, src, 12)
     manifest = prepare(PrepConfig(input=str(src), output=str(out), short_side=48,
-                                  shard_max_items=4, progress=False))
+                                  shard_max_items=4, progress=False, workers=1))
     return out, manifest
 
 
@@ -122,7 +122,7 @@ def test_s3_prep_resumes_and_workers_read_the_same_batches(shared_data, tmp_path
                                                           monkeypatch):
     src = tmp_path / "in"
     link_photos(shared_data, src, 10)
-    opts = dict(input=str(src), short_side=48, shard_max_items=4, progress=False)
+    opts = dict(input=str(src), short_side=48, shard_max_items=4, progress=False, workers=1)
     local = prepare(PrepConfig(output=str(tmp_path / "local"), **opts))
     uri = f"s3://{s3_bucket}/datasets/v1"
     real_put = S3Storage.put_file

@@ -46,18 +46,19 @@ def read_range(storage: Storage, key: str, offset: int, length: int) -> bytes:
 
 # --- manifest --------------------------------------------------------------------------------
 
-def read_manifest(storage: Storage) -> dict:
+def read_manifest(storage: Storage, key: str = MANIFEST) -> dict:
+    """The dataset's manifest (or, by key, a partition's, which has the same form)."""
     try:
-        raw = storage.get_bytes(MANIFEST)
+        raw = storage.get_bytes(key)
     except NotFound:
-        raise PreparedDatasetError(f"no prepared dataset at {storage.uri(MANIFEST)} (run "
+        raise PreparedDatasetError(f"no prepared dataset at {storage.uri(key)} (run "
                                    "`mtssl prep INPUT OUTPUT` first)") from None
     try:
         manifest = json.loads(raw)
     except ValueError as err:
-        raise PreparedDatasetError(f"{storage.uri(MANIFEST)} is not valid JSON: {err}") from None
+        raise PreparedDatasetError(f"{storage.uri(key)} is not valid JSON: {err}") from None
     if manifest.get("format") != DATASET_FORMAT or manifest.get("version") != VERSION:
-        raise PreparedDatasetError(f"{storage.uri(MANIFEST)} is not a {DATASET_FORMAT} "
+        raise PreparedDatasetError(f"{storage.uri(key)} is not a {DATASET_FORMAT} "
                                    f"v{VERSION} manifest")
     return manifest
 

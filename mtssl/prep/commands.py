@@ -7,9 +7,11 @@ import dataclasses
 import sys
 
 EPILOG = """examples:
-  mtssl prep /data/raw /data/prepared --short-side 256 --workers 8
+  mtssl prep /data/raw /data/prepared --short-side 256   # every usable CPU
   mtssl prep /data/raw s3://bucket/datasets/v1 --shard-mb 512   # S3 settings: MTSSL_S3_* env
   mtssl prep /data/davis/JPEGImages/480p prepared/davis --frames-per-video 24
+  mtssl prep /data/raw /data/prepared --partition 2/4    # one of 4 pods; then:
+  mtssl prep-merge /data/prepared
   mtssl train --set data.images=/data/prepared --set data.frames=/data/prepared
 Re-running the same command verifies the finished shards, continues an interrupted prep and
 rewrites the manifest; it never duplicates samples.
@@ -50,6 +52,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, dest=f.name, metavar="VALUE", action="append" if repeat else "store",
                        help=f"{f.metadata['help']}{default}")
     p.set_defaults(func=cmd_prep)
+    m = sub.add_parser(
+        "prep-merge", help="join the partitions of `mtssl prep --partition K/N` into one dataset",
+        description="Check every shard of the N partitions prepared in OUTPUT against its "
+                    "partition's manifest and write OUTPUT's manifest.json naming them all "
+                    "(summed counts, skipped items, colour prior); nothing is copied.",
+        epilog="example:\n  for k in 1 2 3 4; do mtssl prep /data/raw /data/prepared "
+               "--partition $k/4; done\n  mtssl prep-merge /data/prepared",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("output", help="path, file:// or s3://bucket/prefix holding the partitions")
+    m.set_defaults(func=cmd_merge)
 
 
 def options(args) -> dict:
@@ -82,4 +94,20 @@ def cmd_prep(args) -> int:
         print(f"mtssl prep: {err}", file=sys.stderr)
         return 1
     print(summary(manifest, cfg.output))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from mtssl.data.shards import PreparedDatasetError
+    from mtssl.prep.dataset import summary
+    from mtssl.prep.merge import merge
+    from mtssl.prep.shards import PrepError
+    from mtssl.storage import StorageError
+
+    try:
+        manifest = merge(args.output)
+    except (PrepError, PreparedDatasetError, StorageError) as err:
+        print(f"mtssl prep-merge: {err}", file=sys.stderr)
+        return 1
+    print(summary(manifest, args.output))
     return 0

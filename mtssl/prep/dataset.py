@@ -31,6 +31,7 @@ from mtssl.storage import LocalStorage, Storage, open_storage
 from mtssl.validation import ConfigError
 
 log = logging.getLogger("mtssl.prep")
+PARTITIONS = "partitions/"  # a partition's manifest: partitions/part-K-of-N.json
 
 
 @dataclass
@@ -54,15 +55,22 @@ def _process(fn: Callable[[Item, PrepConfig], ItemResult], item: Item,
 
 
 def _worker_init() -> None:
+    # One process per core already: threads inside one would only fight the others.
     import torch
-    torch.set_num_threads(1)  # one process per core already
+    torch.set_num_threads(1)
+    try:
+        import cv2
+    except ImportError:  # the prep extra is only needed for videos; images prep without it
+        return
+    cv2.setNumThreads(1)
 
 
 def ordered_map(fn, items: Iterator[tuple[int, Item]], cfg: PrepConfig
                 ) -> Iterator[tuple[int, Item, ItemResult]]:
     """(ordinal, item, result) in input order; with workers, at most 4 per worker in flight, so
     memory stays bounded however long the input is."""
-    if cfg.workers == 0:
+    workers = cfg.processes
+    if workers == 1:
         for ordinal, item in items:
             yield ordinal, item, _process(fn, item, cfg)
         return
@@ -70,12 +78,12 @@ def ordered_map(fn, items: Iterator[tuple[int, Item]], cfg: PrepConfig
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn, not fork: children of a process that has started torch's threads can deadlock
-    with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_init) as pool:
         window: collections.deque = collections.deque()
         for ordinal, item in items:
             window.append((ordinal, item, pool.submit(_process, fn, item, cfg)))
-            if len(window) >= 4 * cfg.workers:
+            if len(window) >= 4 * workers:
                 o, it, fut = window.popleft()
                 yield o, it, fut.result()
         while window:
@@ -145,8 +153,20 @@ def _open_output(uri: str) -> Storage:
     return open_storage(uri)
 
 
-def _clear(storage: Storage) -> None:
-    for key in storage.list("images/") + storage.list("frames/") + [MANIFEST]:
+def part_name(part: tuple[int, int]) -> str:
+    """A partition's folder under each stream, and its manifest's name under partitions/."""
+    return f"part-{part[0]:04d}-of-{part[1]:04d}"
+
+
+def _clear(storage: Storage, part: tuple[int, int] | None) -> None:
+    if part is None:
+        keys = storage.list("images/") + storage.list("frames/") + storage.list(PARTITIONS)
+    else:
+        name = part_name(part)
+        keys = storage.list(f"images/{name}/") + storage.list(f"frames/{name}/") + [
+            f"{PARTITIONS}{name}.json"]
+    # A merged manifest names every partition's shards: once any of them goes, it is wrong.
+    for key in keys + [MANIFEST]:
         storage.delete(key)
 
 
@@ -160,43 +180,77 @@ def _walk(cfg: PrepConfig, storage: Storage, report: WalkReport | None = None):
                 min_folder_frames=cfg.min_folder_frames, report=report)
 
 
+def _share(items: Iterator[Item], stream: str, part: tuple[int, int] | None) -> Iterator[Item]:
+    """The stream's items that are this partition's: every N-th, from the K-th on. Dealing them
+    out in turn, per stream, gives every partition a like mix of small and large inputs."""
+    mine = (i for i in items if i.stream == stream)
+    if part is None:
+        return mine
+    k, n = part
+    return (item for j, item in enumerate(mine) if j % n == k - 1)
+
+
+def _check_output(storage: Storage, cfg: PrepConfig, fp: str) -> None:
+    """Refuse to mix: other options, or a one-run dataset and partitions in one output."""
+    part = cfg.part
+    own = MANIFEST if part is None else f"{PARTITIONS}{part_name(part)}.json"
+    if storage.exists(own) and read_manifest(storage, own)["fingerprint"] != fp:
+        raise PrepError(f"{storage.uri(own)} was prepared with other options; prepare into a "
+                        "new output or pass --overwrite")
+    if part is None and storage.list(PARTITIONS):
+        raise PrepError(f"{cfg.output} holds a dataset prepared in partitions: prepare "
+                        "with --partition K/N and `mtssl prep-merge`, or pass --overwrite")
+    if part is not None and storage.exists(MANIFEST) and not storage.list(PARTITIONS):
+        raise PrepError(f"{cfg.output} holds a dataset prepared in one run: prepare it "
+                        "without --partition, or pass --overwrite")
+
+
 def prepare(cfg: PrepConfig, *, overwrite: bool = False) -> dict:
-    """Prepare `cfg.input` into `cfg.output`; returns the manifest (also written there)."""
+    """Prepare `cfg.input` (or its partition `cfg.partition`) into `cfg.output`; returns the
+    manifest, written to manifest.json (partitions/part-K-of-N.json for a partition)."""
     from mtssl.prep.samples import prepare_image
     from mtssl.prep.video import prepare_clip
 
     if not Path(cfg.input).is_dir():
         raise ConfigError("prep.input", f"not a folder: {cfg.input}")
-    storage, fp = _open_output(cfg.output), fingerprint(cfg)
+    storage, fp, part = _open_output(cfg.output), fingerprint(cfg), cfg.part
     tmp = temp_folder(storage, cfg.tmp_dir)
     clean_stale_temps(tmp)
     if overwrite:
-        _clear(storage)
-    elif storage.exists(MANIFEST) and read_manifest(storage)["fingerprint"] != fp:
-        raise PrepError(f"{storage.uri(MANIFEST)} was prepared with other options; prepare "
-                        "into a new output or pass --overwrite")
+        _clear(storage, part)
+    else:
+        _check_output(storage, cfg, fp)
+    prefix = "" if part is None else f"/{part_name(part)}"
     bar = None
     if cfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=sum(1 for _ in _walk(cfg, storage)), unit="file", desc="prep",
-                   dynamic_ncols=True, mininterval=0.5)
+        total = sum(1 for s in ("images", "frames") for _ in _share(_walk(cfg, storage), s, part))
+        bar = tqdm(total=total, unit="file", desc="prep", dynamic_ncols=True, mininterval=0.5)
+    # What the walk cannot use is listed once: by a one-run prep, or by partition 1.
     report, results = WalkReport(), {}
+    listed = report if part is None or part[0] == 1 else WalkReport()
     try:
         for stream, fn in (("images", prepare_image), ("frames", prepare_clip)):
-            found = _walk(cfg, storage, report if stream == "images" else WalkReport())
+            found = _walk(cfg, storage, listed if stream == "images" else WalkReport())
             if bar is not None:
                 bar.set_description(f"prep {stream}")
-            results[stream] = prepare_stream(stream, (i for i in found if i.stream == stream), fn,
+            results[stream] = prepare_stream(stream + prefix, _share(found, stream, part), fn,
                                              storage=storage, cfg=cfg, fp=fp, tmp=tmp, bar=bar)
     finally:
         if bar is not None:
             bar.close()
     manifest = build_manifest(cfg, fp, results["images"], results["frames"], report)
-    storage.put_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
+    if part is None:
+        storage.put_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
+    else:
+        manifest["partition"] = list(part)
+        storage.put_bytes(f"{PARTITIONS}{part_name(part)}.json",
+                          json.dumps(manifest, indent=1).encode())
     return manifest
 
 
-def _prior(counts: np.ndarray | None) -> dict | None:
+def prior_entry(counts: np.ndarray | None) -> dict | None:
+    """The manifest's colour prior from (Q,) ab-bin counts (prep-merge: the summed counts)."""
     if counts is None:
         return None
     import torch
@@ -225,7 +279,7 @@ def build_manifest(cfg: PrepConfig, fp: str, images: StreamResult, frames: Strea
                              "dropped": {k.split(":", 1)[1]: v for k, v in sorted(masks.items())
                                          if k.startswith("dropped:")}},
                    "shards": frames.shards},
-        "colour_prior": _prior(images.stats.prior),
+        "colour_prior": prior_entry(images.stats.prior),
         "skipped": {"count": len(skipped),
                     "by_reason": dict(sorted(collections.Counter(s[1] for s in skipped).items())),
                     "items": skipped},

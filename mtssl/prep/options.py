@@ -7,17 +7,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from mtssl.validation import require
 
 # Where the output goes and how a run goes: left out of the manifest, which must not change
 # when a dataset is resumed with other workers or copied elsewhere.
-RUN_SETTINGS = ("output", "workers", "progress", "tmp_dir")
+RUN_SETTINGS = ("output", "workers", "progress", "tmp_dir", "partition")
 # Options that do not change a single output byte: never part of the fingerprint.
 RUNTIME_ONLY = ("input",) + RUN_SETTINGS
+_PARTITION = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 
 
 def _opt(default, help_text: str):
@@ -44,8 +48,12 @@ class PrepConfig:
     min_folder_frames: int = _opt(8, "... and that has at least this many images")
     exclude: tuple[str, ...] = _opt((), "fnmatch patterns of relative paths to leave out, "
                                          "e.g. '*/Annotations' (repeatable)")
-    workers: int = _opt(0, "processes decoding in parallel (0 = all in this process)")
+    workers: int | None = _opt(None, "processes preparing items in parallel (default: the "
+                                     "CPUs this process may use; 1 = all in this process)")
     progress: bool = _opt(True, "show a progress bar")
+    partition: str | None = _opt(None, "K/N: prepare only the K-th of N interleaved shares of "
+                                       "the input (1 <= K <= N) as a shard set of its own; "
+                                       "`mtssl prep-merge OUTPUT` joins the N into one dataset")
     tmp_dir: str | None = _opt(None, "local folder where shards are assembled (default: next to "
                                      "a local output, else the system temp folder)")
 
@@ -70,15 +78,47 @@ class PrepConfig:
         require(self.min_folder_frames >= 2 * self.frame_gap + 1, "min_folder_frames",
                 f"must be >= 2 * frame_gap + 1 = {2 * self.frame_gap + 1}, "
                 f"got {self.min_folder_frames}")
-        require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        require(self.workers is None or self.workers >= 1, "workers",
+                f"must be >= 1 (1 = all in this process) or null (every usable CPU), "
+                f"got {self.workers}")
+        if self.partition is not None:
+            match = _PARTITION.fullmatch(self.partition)
+            require(match is not None and 1 <= int(match[1]) <= int(match[2]) <= 9999,
+                    "partition", f"must be K/N with 1 <= K <= N <= 9999, got {self.partition!r}")
         try:
             re.compile(self.frame_pattern)
         except re.error as err:
             require(False, "frame_pattern", f"is not a regular expression: {err}")
 
     @property
+    def part(self) -> tuple[int, int] | None:
+        """(K, N) of --partition K/N, or None for the whole input."""
+        if self.partition is None:
+            return None
+        k, n = self.partition.split("/")
+        return int(k), int(n)
+
+    @property
+    def processes(self) -> int:
+        """Worker processes to run: `workers`, or one per CPU this process may use."""
+        return self.workers if self.workers is not None else usable_cpus()
+
+    @property
     def shard_bytes(self) -> int:
         return int(self.shard_mb * 1024 * 1024)
+
+
+def usable_cpus(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (a
+    Kubernetes CPU limit), which os.cpu_count() ignores and a pod would oversubscribe."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+    except (OSError, ValueError):
+        return max(1, cpus or 1)
+    if quota != "max":
+        cpus = min(cpus or 1, math.ceil(int(quota) / int(period)))
+    return max(1, cpus or 1)
 
 
 def fingerprint(cfg: PrepConfig) -> str:

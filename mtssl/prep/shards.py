@@ -148,8 +148,9 @@ class ShardWriter:
         self.storage, self.stream, self.number, self.first = storage, stream, number, first
         self.fingerprint = fingerprint
         self.tar_key, self.index_key = shard_keys(stream, number)
-        fd, self._path = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{stream}-",
-                                          suffix=".tar", dir=tmp_dir)
+        fd, self._path = tempfile.mkstemp(
+            prefix=f"{TEMP_PREFIX}{os.getpid()}-{stream.replace('/', '-')}-", suffix=".tar",
+            dir=tmp_dir)
         self._file = os.fdopen(fd, "w+b")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
         self._digest = hashlib.sha256()
