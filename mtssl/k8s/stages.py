@@ -31,23 +31,6 @@ def run_mtssl(args: list[str]) -> None:
         raise StageError(f"`mtssl {' '.join(args)}` exited with status {code}")
 
 
-# --- dataset preparation --------------------------------------------------------------------
-
-def prepare(*, data: str, prepared: str) -> tuple[str, str]:
-    """(data.images, data.frames) for training: the embedded default data as it is, anything
-    else prepared once into `prepared` by `mtssl prep` (an existing prepared copy is reused)."""
-    if data == "embedded":
-        return "embedded", "embedded"
-    from mtssl.data.shards import is_prepared
-    if not prepared:
-        raise ConfigError("prepared", f"data {data!r} needs a location for the prepared copy")
-    if is_prepared(prepared):
-        log.info("reusing the prepared dataset at %s", prepared)
-    else:
-        run_mtssl(["prep", data, prepared])
-    return prepared, prepared
-
-
 # --- training -------------------------------------------------------------------------------
 
 def run_name(run: str, job_id: str) -> str:
