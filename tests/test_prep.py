@@ -1,5 +1,6 @@
-"""`mtssl prep` on images: photos (synthetic, and real Caltech ones) into shards, exact re-runs, resume after an
-interruption, checksum-verified shards, every kind of bad input skipped and listed, the CLI."""
+"""`mtssl prep` on images: photos (synthetic, and real Caltech ones) into shards, exact re-runs,
+resume after an interruption, checksum-verified shards, every kind of bad input skipped and
+listed, the CLI."""
 
 import hashlib
 import io
@@ -184,7 +185,8 @@ def test_changed_input_or_options_are_refused_unless_overwrite(photos, photo_poo
     prepare(options(src, out))
     with pytest.raises(PrepError, match="other options"):
         prepare(options(src, out, short_side=48))
-    (src / "a" / "0000_added.jpg").symlink_to(photo_pool[23])  # sorts first: every shard's range moves
+    # a photo not yet in the input, sorting first: every shard's range moves
+    (src / "a" / "0000_added.jpg").symlink_to(photo_pool[23])
     with pytest.raises(PrepError, match="differ from those"):
         prepare(options(src, out))
     manifest = prepare(options(src, out), overwrite=True)

@@ -1,5 +1,6 @@
-"""The trainer on a prepared dataset: photos and DAVIS frames (synthetic, and real) prepped into shards (on disk
-and on the S3 emulator), then a few steps of all four tasks with DataLoader workers."""
+"""The trainer on a prepared dataset: photos and DAVIS frames (synthetic, and real) prepped into
+shards (on disk and on the S3 emulator), then a few steps of all four tasks with DataLoader
+workers."""
 
 import json
 
