@@ -1,5 +1,5 @@
 """PASCAL VOC: annotation parsing, bad input, the C4 detector's shapes, and a smoke fine-tune
-on the real voc_raccoon set."""
+on a one-class VOC folder (synthetic squares, and the real voc_raccoon set)."""
 
 import numpy as np
 import pytest
@@ -91,13 +91,13 @@ def test_c4_detector_shapes():
     assert out["boxes"].shape[1] == 4 and len(out["scores"]) == len(out["labels"])
 
 
-def test_smoke_fine_tune_on_voc_raccoon(shared_data):
+def test_smoke_fine_tune_on_one_class(voc):
     loaded = random_trunk(load_config("quickstart", ["trunk.width=0.0625",
                                                      "trunk.units=[1,1,2]"]).trunk)
     s = suite_settings("pascal", "smoke", ["iterations=4", "max_train_images=16",
                                            "max_test_images=6", "min_size=96", "max_size=128"])
-    r = run(loaded, shared_data / "voc_raccoon", s, settings_name="smoke")
-    assert r["classes"] == ["raccoon"] and set(r["per_class_ap"]) == {"raccoon"}
-    assert 0.0 <= r["metrics"]["mAP"] <= 1.0 and r["metrics"]["mAP"] == r["per_class_ap"]["raccoon"]
+    r = run(loaded, voc.root, s, settings_name="smoke")
+    assert r["classes"] == [voc.cls] and set(r["per_class_ap"]) == {voc.cls}
+    assert 0.0 <= r["metrics"]["mAP"] <= 1.0 and r["metrics"]["mAP"] == r["per_class_ap"][voc.cls]
     assert (r["train_images"], r["test_images"], r["skipped"]) == (16, 6, {})
     assert np.isfinite(r["loss_first"]) and np.isfinite(r["loss_last"])

@@ -13,7 +13,7 @@ SETS = ["--set", "imagenet.max_per_class=2", "--set", "imagenet.epochs=10",
         "--set", "nyu.iterations=2", "--set", "nyu.input_size=[24,32]"]
 
 
-def test_report_end_to_end_and_rerun_skips(shared_data, tmp_path, capsys):
+def test_report_end_to_end_and_rerun_skips(labelled, tmp_path, capsys):
     lasso = train_tiny(tmp_path / "lasso", steps=1)
     naive = train_tiny(tmp_path / "naive", "lasso.mode=naive", steps=1)
     save_milestones(lasso, [0.5, 1.0])
@@ -21,7 +21,7 @@ def test_report_end_to_end_and_rerun_skips(shared_data, tmp_path, capsys):
     nyu = write_synthetic_nyu(tmp_path / "nyu", train=4, test=2, size=(24, 32))
     out = tmp_path / "report"
     args = ["report", str(tmp_path / "lasso"), str(tmp_path / "naive"),
-            "--suite", f"imagenet={shared_data / 'caltech10'}", "--suite", f"nyu={nyu}",
+            "--suite", f"imagenet={labelled.root}", "--suite", f"nyu={nyu}",
             "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *SETS]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -48,10 +48,10 @@ def test_report_end_to_end_and_rerun_skips(shared_data, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text()) == records
 
 
-def test_report_without_milestones_uses_newest_checkpoint(shared_data, tmp_path):
+def test_report_without_milestones_uses_newest_checkpoint(labelled, tmp_path):
     run = train_tiny(tmp_path / "run", steps=1)
     lines = []
-    page = write_report([str(run.cfg.run_dir)], {"imagenet": shared_data / "caltech10"},
+    page = write_report([str(run.cfg.run_dir)], {"imagenet": labelled.root},
                         out=tmp_path / "rep", overrides={"imagenet": ["max_per_class=2",
                                                                       "epochs=5"]},
                         random_baseline=False, cache_dir=None, echo=lines.append)
@@ -64,7 +64,7 @@ def test_report_without_milestones_uses_newest_checkpoint(shared_data, tmp_path)
     _, bad = save_milestones(run, [0.5, 1.0])
     corrupt = run.cfg.run_dir / bad
     corrupt.write_bytes(corrupt.read_bytes()[:-5])
-    page = write_report([str(run.cfg.run_dir)], {"imagenet": shared_data / "caltech10"},
+    page = write_report([str(run.cfg.run_dir)], {"imagenet": labelled.root},
                         out=tmp_path / "rep2", overrides={"imagenet": ["max_per_class=2",
                                                                        "epochs=5"]},
                         random_baseline=False, cache_dir=None, echo=lines.append)

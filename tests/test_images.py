@@ -423,14 +423,11 @@ def test_frames_with_masks_from_arrays():
         FramesWithMasks.from_arrays([("x", frame, np.full((6, 8), 2.0))])
 
 
-def test_frames_with_masks_real_davis(shared_data):
-    root = shared_data / "davis2016"
-    if not root.is_dir():
-        pytest.skip(f"{root} absent")
-    fw = FramesWithMasks.from_folder(root)
-    assert len(fw) == 782 and fw.ignored == [] and fw.unreadable == []
-    for i in (0, 400, len(fw) - 1):
+def test_frames_with_masks_whole_davis_folder(davis):
+    fw = FramesWithMasks.from_folder(davis.root)
+    assert len(fw) == davis.total and fw.ignored == [] and fw.unreadable == []
+    for i in (0, len(fw) // 2, len(fw) - 1):
         rgb, mask = fw.load(i)
-        assert rgb.shape == (480, 854, 3) and rgb.dtype == np.uint8
-        assert mask.shape == (480, 854) and mask.dtype == np.float32
+        assert rgb.shape == (*davis.shape, 3) and rgb.dtype == np.uint8
+        assert mask.shape == davis.shape and mask.dtype == np.float32
         assert set(np.unique(mask)) <= {0.0, 1.0} and 0 < mask.mean() < 0.8

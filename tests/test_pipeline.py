@@ -1,5 +1,6 @@
 """The Kubeflow pipeline: committed IR in sync, its parameters, resources and secrets, the stage
-functions, and a real local run with kfp.local (local launcher, embedded data, caltech10)."""
+functions, and a real local run with kfp.local (local launcher, embedded data, ten labelled
+classes: synthetic, and real caltech10)."""
 
 from __future__ import annotations
 
@@ -259,13 +260,13 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_local_pipeline_run_with_kfp_local(tmp_path, shared_data):
+def test_local_pipeline_run_with_kfp_local(tmp_path, labelled):
     """The documented local run (pipelines/README.md), with the tests' tiny model: trains with
-    the local launcher on the embedded data, evaluates on caltech10, publishes the report."""
+    the local launcher on the embedded data, evaluates on ten classes, publishes the report."""
     from conftest import TINY
     # no milestone this short: the stage falls back to the latest checkpoint
     args = ["--out", str(tmp_path), "--steps", "6", "--milestone-hours", "100",
-            "--imagenet-data", str(shared_data / "caltech10"), "--no-random"]
+            "--imagenet-data", str(labelled.root), "--no-random"]
     args += [a for o in TINY + [f"distributed.port={free_port()}"] for a in ("--set", o)]
     assert load_script("run_local").main(args) == 0
     (report,) = (tmp_path / "kfp").glob("mtssl-*/report")

@@ -1,5 +1,6 @@
-"""`mtssl prep` on images: real Caltech photos into shards, exact re-runs, resume after an
-interruption, checksum-verified shards, every kind of bad input skipped and listed, the CLI."""
+"""`mtssl prep` on images: photos (synthetic, and real Caltech ones) into shards, exact re-runs,
+resume after an interruption, checksum-verified shards, every kind of bad input skipped and
+listed, the CLI."""
 
 import hashlib
 import io
@@ -20,9 +21,9 @@ from mtssl.prep.shards import PrepError
 from mtssl.storage import LocalStorage
 
 
-def link_photos(shared_data, dest, n, *, folders=("a", "a/b", "c/d/e")):
-    """n real Caltech photos (every 97th of the pool) symlinked into a nested tree under dest."""
-    pool = sorted((shared_data / "unlabeled" / "caltech").iterdir())[::97][:n]
+def link_photos(photo_pool, dest, n, *, folders=("a", "a/b", "c/d/e")):
+    """The first n photos of the pool symlinked into a nested tree under dest."""
+    pool = photo_pool[:n]
     for i, src in enumerate(pool):
         folder = dest / folders[i % len(folders)]
         folder.mkdir(parents=True, exist_ok=True)
@@ -54,9 +55,9 @@ def tar_samples(path):
 
 
 @pytest.fixture
-def photos(shared_data, tmp_path):
+def photos(photo_pool, tmp_path):
     src = tmp_path / "in"
-    return src, link_photos(shared_data, src, 23)
+    return src, link_photos(photo_pool, src, 23)
 
 
 def test_images_become_resized_shards_with_index_and_manifest(photos, tmp_path):
@@ -179,14 +180,14 @@ def test_corrupt_shard_is_detected_and_redone(photos, tmp_path, caplog):
     assert files_digest(out) == reference
 
 
-def test_changed_input_or_options_are_refused_unless_overwrite(photos, shared_data, tmp_path):
+def test_changed_input_or_options_are_refused_unless_overwrite(photos, photo_pool, tmp_path):
     src, pool = photos
     out = tmp_path / "out"
     prepare(options(src, out))
     with pytest.raises(PrepError, match="other options"):
         prepare(options(src, out, short_side=48))
-    extra = sorted((shared_data / "unlabeled" / "caltech").iterdir())[1]
-    (src / "a" / "0000_added.jpg").symlink_to(extra)  # sorts first: every shard's range moves
+    # a photo not yet in the input, sorting first: every shard's range moves
+    (src / "a" / "0000_added.jpg").symlink_to(photo_pool[23])
     with pytest.raises(PrepError, match="differ from those"):
         prepare(options(src, out))
     manifest = prepare(options(src, out), overwrite=True)
@@ -194,7 +195,7 @@ def test_changed_input_or_options_are_refused_unless_overwrite(photos, shared_da
 
 
 def _bad_inputs(root, photo):
-    """Every kind of awkward file, from one real photo; returns {name: expected reason}."""
+    """Every kind of awkward file, from one photo; returns {name: expected reason}."""
     rgb = Image.open(photo).convert("RGB")
     jpg = io.BytesIO()
     rgb.save(jpg, "JPEG", quality=95)
@@ -218,9 +219,9 @@ def _bad_inputs(root, photo):
             "bad/tiny.png": "too_small", "locked": "permission_denied"}
 
 
-def test_bad_inputs_are_skipped_with_reasons_and_awkward_ones_converted(shared_data, tmp_path,
+def test_bad_inputs_are_skipped_with_reasons_and_awkward_ones_converted(photo_pool, tmp_path,
                                                                         monkeypatch):
-    photo = sorted((shared_data / "unlabeled" / "caltech").iterdir())[5]
+    photo = photo_pool[5]
     src, out = tmp_path / "in", tmp_path / "out"
     expected = _bad_inputs(src, photo)
     real_scandir = os.scandir

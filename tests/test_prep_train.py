@@ -1,5 +1,6 @@
-"""The trainer on a prepared dataset: real photos and DAVIS frames prepped into shards (on disk
-and on the S3 emulator), then a few steps of all four tasks with DataLoader workers."""
+"""The trainer on a prepared dataset: photos and DAVIS frames (synthetic, and real) prepped into
+shards (on disk and on the S3 emulator), then a few steps of all four tasks with DataLoader
+workers."""
 
 import json
 
@@ -22,11 +23,12 @@ def output(request, tmp_path):
     return f"s3://{request.getfixturevalue('s3_bucket')}/prepared"
 
 
-def test_trainer_steps_on_prepared_shards_with_workers(shared_data, tmp_path, output):
+def test_trainer_steps_on_prepared_shards_with_workers(photo_pool, davis, tmp_path, output):
     src = tmp_path / "in"
-    link_photos(shared_data, src, 16)
+    link_photos(photo_pool, src, 16)
     (src / "davis").mkdir()
-    (src / "davis" / "camel").symlink_to(shared_data / "davis2016/JPEGImages/480p/camel")
+    seq = next(iter(davis.lengths))
+    (src / "davis" / seq).symlink_to(davis.root / "JPEGImages/480p" / seq)
     manifest = prepare(PrepConfig(input=str(src), output=output, short_side=96,
                                   shard_max_items=6, frames_per_video=6, frame_short_side=96,
                                   progress=False, workers=1))

@@ -1,5 +1,6 @@
-"""`mtssl prep` on videos and frame folders: real mp4s and DAVIS frame folders become frame +
-motion-mask shards filtered like Pathak et al.; broken videos are skipped with their reasons."""
+"""`mtssl prep` on videos and frame folders: mp4s and DAVIS frame folders (synthetic, and real)
+become frame + motion-mask shards filtered like Pathak et al.; broken videos are skipped with
+their reasons."""
 
 import io
 import json
@@ -13,9 +14,8 @@ from mtssl.prep.dataset import prepare
 from mtssl.prep.options import PrepConfig
 from mtssl.prep.samples import resize_short
 from mtssl.prep.video import sample_frames
+from synthetic import write_video
 from test_prep import files_digest, tar_samples
-
-DAVIS_SEQS = ("camel", "kite-surf")
 
 
 def frame_filter_holds(mask: np.ndarray) -> bool:
@@ -41,14 +41,14 @@ def test_sample_frames_spreads_targets_inside_the_clip():
 
 
 @pytest.fixture
-def clips(shared_data, tmp_path):
+def clips(videos, davis, tmp_path):
     src = tmp_path / "in"
     (src / "videos").mkdir(parents=True)
-    for name in ("carphone_pristine.mp4", "bikes.mp4"):
-        (src / "videos" / name).symlink_to(shared_data / "videos" / name)
-    for seq in DAVIS_SEQS:
-        (src / "davis" / seq).parent.mkdir(exist_ok=True)
-        (src / "davis" / seq).symlink_to(shared_data / "davis2016/JPEGImages/480p" / seq)
+    for video in videos:
+        (src / "videos" / video.name).symlink_to(video)
+    (src / "davis").mkdir()
+    for seq in list(davis.lengths)[:2]:
+        (src / "davis" / seq).symlink_to(davis.root / "JPEGImages/480p" / seq)
     return src
 
 
@@ -80,7 +80,7 @@ def test_videos_and_frame_folders_become_filtered_frame_mask_pairs(clips, tmp_pa
     assert rgb.dtype == np.uint8 and mask.dtype == np.float32 and set(np.unique(mask)) <= {0, 1}
 
 
-def test_each_stored_frame_is_frame_t_of_its_video(clips, shared_data, tmp_path, monkeypatch):
+def test_each_stored_frame_is_frame_t_of_its_video(clips, tmp_path, monkeypatch):
     """Where frames land, not mask quality: a keep-all stand-in replaces the motion module
     and stores a mask that encodes t, so frame, mask and metadata must all agree."""
     import av
@@ -95,8 +95,6 @@ def test_each_stored_frame_is_frame_t_of_its_video(clips, shared_data, tmp_path,
     manifest = prepare(PrepConfig(input=str(clips), output=str(out), frames_per_video=3,
                                   frame_short_side=72, exclude=("davis",), progress=False, workers=1))
     assert manifest["frames"]["masks"] == {"kept": 6, "dropped": {}}
-    sources = {"videos/carphone_pristine.mp4": shared_data / "videos/carphone_pristine.mp4",
-               "videos/bikes.mp4": shared_data / "videos/bikes.mp4"}
     stored = {}
     for entry in manifest["frames"]["shards"]:
         for m in tar_samples(out / entry["tar"]).values():
@@ -104,12 +102,13 @@ def test_each_stored_frame_is_frame_t_of_its_video(clips, shared_data, tmp_path,
             stored.setdefault(meta["source"], {})[meta["frame"]] = (
                 np.asarray(Image.open(io.BytesIO(m["jpg"])), float),
                 np.asarray(Image.open(io.BytesIO(m["mask.png"]))))
+    assert len(stored) == 2
     for source, by_t in stored.items():
-        with av.open(str(sources[source])) as c:
+        with av.open(str(clips / source)) as c:
             n = c.streams.video[0].frames
         assert sorted(by_t) == sample_frames(n, count=3, gap=2)
         gap = 2
-        raw = decoded_frames(sources[source], {t + d for t in by_t for d in (-gap, 0, gap)})
+        raw = decoded_frames(clips / source, {t + d for t in by_t for d in (-gap, 0, gap)})
         for t, (frame, mask) in by_t.items():
             err = {i: np.abs(resize_short(raw[i], 72).astype(float) - frame).mean()
                    for i in (t - gap, t, t + gap)}
@@ -117,34 +116,19 @@ def test_each_stored_frame_is_frame_t_of_its_video(clips, shared_data, tmp_path,
             assert np.array_equal(mask > 0, keep_all_stand_in(frame, None, None, None)[0])
 
 
-def test_frame_shards_are_reproducible(shared_data, tmp_path):
+def test_frame_shards_are_reproducible(davis, tmp_path):
     """Masks depend only on the frames: a second prep in the same process (OpenCV's RNG state
     advanced by the first) and one in two worker processes write byte-identical shards."""
     src = tmp_path / "in"
     src.mkdir()
-    (src / "camel").symlink_to(shared_data / "davis2016/JPEGImages/480p/camel")
+    seq = next(iter(davis.lengths))
+    (src / seq).symlink_to(davis.root / "JPEGImages/480p" / seq)
     runs = [prepare(PrepConfig(input=str(src), output=str(tmp_path / name), frames_per_video=6,
                                frame_short_side=96, progress=False, workers=workers))
             for name, workers in (("a", 1), ("b", 1), ("c", 2))]
     assert runs[0]["frames"]["count"] > 0
     assert files_digest(tmp_path / "a") == files_digest(tmp_path / "b") == \
         files_digest(tmp_path / "c")
-
-
-def _write_video(path, frames, **options):
-    """Encode RGB frames (mpeg4); no frames gives a container with an empty video stream."""
-    import av
-    h, w = frames[0].shape[:2] if frames else (48, 64)
-    with av.open(str(path), "w", options=options) as c:
-        s = c.add_stream("mpeg4", rate=25)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        if not frames:
-            c.start_encoding()
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, "rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
 
 
 def _audio_only(path):
@@ -158,29 +142,30 @@ def _audio_only(path):
             c.mux(p)
 
 
-def test_broken_videos_and_frames_are_skipped_with_reasons(shared_data, tmp_path):
+def test_broken_videos_and_frames_are_skipped_with_reasons(videos, davis, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     bad = src / "bad"
     bad.mkdir(parents=True)
     (bad / "empty.mp4").write_bytes(b"")
     (bad / "text.mp4").write_text("not a video\n")
-    (bad / "truncated.mp4").write_bytes((shared_data / "videos/bikes.mp4").read_bytes()[:100_000])
-    carphone = shared_data / "videos/carphone_pristine.mp4"
-    real = list(decoded_frames(carphone, set(range(30))).values())
-    _write_video(bad / "one_frame.mp4", real[:1])
-    _write_video(bad / "no_frames.avi", [])
-    _write_video(bad / "fourcc.avi", real[:6])
+    whole = videos[1].read_bytes()
+    (bad / "truncated.mp4").write_bytes(whole[: len(whole) // 2])  # its index (moov) is gone
+    decoded = list(decoded_frames(videos[0], set(range(30))).values())
+    write_video(bad / "one_frame.mp4", decoded[:1])
+    write_video(bad / "no_frames.avi", [])
+    write_video(bad / "fourcc.avi", decoded[:6])
     # index first (faststart), then cut in half: opens fine, announces 30 frames, decodes 1
-    _write_video(bad / "cut.mp4", real, movflags="faststart")
+    write_video(bad / "cut.mp4", decoded, movflags="faststart")
     whole = (bad / "cut.mp4").read_bytes()
     (bad / "cut.mp4").write_bytes(whole[: len(whole) // 2])
     raw = (bad / "fourcc.avi").read_bytes()
     (bad / "unknown_codec.avi").write_bytes(raw.replace(b"FMP4", b"ZZZZ"))  # no such decoder
     (bad / "fourcc.avi").unlink()
     _audio_only(bad / "audio.mp4")
-    seq = src / "seq"  # a real frame folder with one frame replaced by text
+    seq = src / "seq"  # a frame folder with one frame replaced by text
     seq.mkdir()
-    for p in sorted((shared_data / "davis2016/JPEGImages/480p/cows").iterdir())[:9]:
+    first = next(iter(davis.lengths))
+    for p in sorted((davis.root / "JPEGImages/480p" / first).iterdir())[:9]:
         (seq / p.name).symlink_to(p)
     (seq / "00004.jpg").unlink()
     (seq / "00004.jpg").write_text("garbage")

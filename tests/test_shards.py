@@ -34,9 +34,9 @@ def stream_of(source, **kw):
 
 
 @pytest.fixture
-def prepared(shared_data, tmp_path):
+def prepared(photo_pool, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
-    link_photos(shared_data, src, 12)
+    link_photos(photo_pool, src, 12)
     manifest = prepare(PrepConfig(input=str(src), output=str(out), short_side=48,
                                   shard_max_items=4, progress=False, workers=1))
     return out, manifest
@@ -118,10 +118,10 @@ def test_data_images_may_name_a_prepared_dataset(prepared, tmp_path):
     assert isinstance(image_source(DataConfig()), ArrayImages)
 
 
-def test_s3_prep_resumes_and_workers_read_the_same_batches(shared_data, tmp_path, s3_bucket,
+def test_s3_prep_resumes_and_workers_read_the_same_batches(photo_pool, tmp_path, s3_bucket,
                                                           monkeypatch):
     src = tmp_path / "in"
-    link_photos(shared_data, src, 10)
+    link_photos(photo_pool, src, 10)
     opts = dict(input=str(src), short_side=48, shard_max_items=4, progress=False, workers=1)
     local = prepare(PrepConfig(output=str(tmp_path / "local"), **opts))
     uri = f"s3://{s3_bucket}/datasets/v1"
