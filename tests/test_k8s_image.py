@@ -105,6 +105,7 @@ def test_copied_files_alone_build_the_package_with_configs_and_entry_point(docke
                 shutil.copytree(path, src / s, ignore=shutil.ignore_patterns(
                     "__pycache__", "*.pyc"))
             else:
+                (src / s).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, src / s)
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                           "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
@@ -136,3 +137,23 @@ def test_runs_as_the_non_root_user_the_pods_expect(dockerfile):
     assert all(env[k].startswith(builders.TMP_DIR) for k in (
         "HOME", "MPLCONFIGDIR", "XDG_CACHE_HOME", "TORCH_HOME"))
     assert pyproject()["project"]["scripts"]["mtssl"] == "mtssl.cli:main"
+
+
+def test_constraints_pin_every_direct_dependency_of_the_images_within_pyproject(dockerfile):
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    assert any(e == "PIP_CONSTRAINT=/opt/mtssl/constraints.txt"
+               for e in instructions(dockerfile, "ENV"))
+    project = pyproject()["project"]
+    declared = [Requirement(d) for d in project["dependencies"] + [
+        d for e in ("prep", "s3", "k8s", "pipeline") for d in project["optional-dependencies"][e]]]
+    wanted = {canonicalize_name(r.name): r for r in declared
+              if canonicalize_name(r.name) not in ("torch", "torchvision")}
+    pins = {}
+    for line in (ROOT / "images" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    assert set(pins) == set(wanted)
+    for name, version in pins.items():
+        assert wanted[name].specifier.contains(version), f"{name}=={version} vs {wanted[name]}"
