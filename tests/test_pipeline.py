@@ -138,12 +138,12 @@ def test_dag_order_inside_an_exit_handler_that_cleans_up(ir):
 
 # --- stage functions ------------------------------------------------------------------------
 
-def test_prep_stages_plan_prepare_and_merge_partitions(shared_data, tmp_path):
+def test_prep_stages_plan_prepare_and_merge_partitions(photo_pool, tmp_path):
     """The fanned-out prep as the pipeline runs it: N partition preps, one merge, then reuse."""
     from mtssl.prep import stages as prep_stages
     from test_prep import link_photos
     src, out = tmp_path / "in", str(tmp_path / "prepared")
-    link_photos(shared_data, src, 7)
+    link_photos(photo_pool, src, 7)
     assert prep_stages.plan_partitions(data="embedded", prepared="", partitions=3) == ["none"]
     assert prep_stages.merge_partitions(data="embedded", prepared="") == ("embedded", "embedded")
     plan = prep_stages.plan_partitions(data=str(src), prepared=out, partitions=3)

@@ -17,15 +17,17 @@ from test_prep import files_digest, link_photos, options, tar_samples
 
 
 @pytest.fixture
-def mixed(shared_data, tmp_path):
-    """Real photos, one corrupt image, a text file, a real video and a DAVIS frame folder."""
+def mixed(photo_pool, videos, davis, tmp_path):
+    """Photos, one corrupt image, a text file, a video and a DAVIS frame folder (real or
+    synthetic, see conftest.py)."""
     src = tmp_path / "in"
-    link_photos(shared_data, src, 11)
+    link_photos(photo_pool, src, 11)
     (src / "a" / "broken.jpg").write_bytes(b"not a jpeg")
     (src / "notes.txt").write_text("not an image")
     (src / "clips").mkdir()
-    (src / "clips" / "carphone.mp4").symlink_to(shared_data / "videos/carphone_pristine.mp4")
-    (src / "clips" / "camel").symlink_to(shared_data / "davis2016/JPEGImages/480p/camel")
+    (src / "clips" / "clip.mp4").symlink_to(videos[0])
+    sequence = next(iter(davis.lengths))
+    (src / "clips" / sequence).symlink_to(davis.root / "JPEGImages" / "480p" / sequence)
     return src
 
 
