@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark, one after the other, each printing the ratios it measured in its own run.
-# Takes roughly an hour on 2 CPU cores (DAVIS masks and the linear probe's pre-training
-# dominate). Real data is read from ../shared/data.
+# Takes roughly 1.5 hours on 2 CPU cores (DAVIS masks, the linear probe's pre-training and
+# the quick transfer curve dominate; the full curve is `python benchmarks/transfer.py`, 45 min
+# more). Real data is read from ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
@@ -9,3 +10,5 @@ for bench in colour_encoding core_step distributed_step prep_memory davis_masks 
   echo "=== benchmarks/$bench.py"
   python "benchmarks/$bench.py"
 done
+echo "=== benchmarks/transfer.py --quick"
+python benchmarks/transfer.py --quick

@@ -223,7 +223,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     gpu = args.device == "cuda"
-    args.minutes = args.minutes or (5.0 if gpu else 1.2 if args.quick else 8.0)
+    args.minutes = args.minutes or (5.0 if gpu else 1.2 if args.quick else 7.0)
     args.sets = GPU_SETS if gpu else CPU_SETS
     args.work = (args.work or ROOT / "runs" / f"transfer-{time.strftime('%Y%m%d-%H%M%S')}")
     args.work.mkdir(parents=True, exist_ok=True)
