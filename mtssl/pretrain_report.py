@@ -117,7 +117,7 @@ def write_report(run_dir: str | Path) -> Path:
               f"items (one source item in {cfg.data.holdout_every} never trained on; "
               "`training items` where the source is too small to hold any out), next to what "
               "a trivial predictor reaches on the same sample.", "",
-              "| task | sample | metric | held-out | chance | feature effective rank | status |",
+              "| task | sample | metric | value | chance | feature effective rank | status |",
               "|---|---|---|---|---|---|---|"]
     for task, h in found.items():
         lines.append(f"| {task} | {health.split[task]} items | {h.metric} | {h.value:.3f} | "
@@ -168,7 +168,7 @@ def verdict(found: dict) -> str:
     groups: dict[str, list[str]] = {}
     for task, h in found.items():
         groups.setdefault(h.status, []).append(task)
-    words = {"learning": "Learned (held-out metric above chance)",
+    words = {"learning": "Learned (pretext metric above chance)",
              "warming_up": "Too early to judge",
              "at_chance": "**Still at chance**", "collapsed": "**Collapsed**",
              "rank_collapse": "**Trunk features collapsed** (effective rank)"}
