@@ -151,8 +151,8 @@ def probe_all(trunks: dict, *, args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"| trunk | step | device-h | top-1 | top-5 | top-1 (global pool) | "
-            f"pretext on held-out items (chance) |\n|---|---|---|---|---|---|---|")
+    head = ("| trunk | step | device-h | top-1 | top-5 | top-1 (global pool) | "
+            "pretext on held-out items (chance) |\n|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         pretext = "; ".join(f"{t[:8]} {h['metric']} {h['value']:.2f} ({h['chance']:.2f})"

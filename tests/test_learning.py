@@ -4,7 +4,6 @@ and the learning-health checks tell a healthy head from a collapsed one. Small r
 checked in test_tasks.py on an image whose layout is readable; on real photos it learns too
 slowly for a test budget: docs/experiments.md.)"""
 
-import numpy as np
 import pytest
 import torch
 
