@@ -53,16 +53,21 @@ def _reason(cond: dict) -> str:
     return f"{cond.get('reason', cond['type'])}: {cond.get('message', '')}".strip()
 
 
+def _finished(job: dict) -> tuple[str, str | None] | None:
+    """(state, failure reason) from a Job's or TrainJob's Complete/Failed condition; None while
+    neither is set."""
+    if condition(job, ("Complete",)):
+        return "succeeded", None
+    failed = condition(job, ("Failed",))
+    return ("failed", _reason(failed)) if failed else None
+
+
 def job_state(job: dict | None) -> tuple[str, str | None]:
     """(state, failure reason) of the v1 layout's coordinator batch/v1 Job."""
     if job is None:
         return "absent", None
-    if condition(job, ("Complete",)):
-        return "succeeded", None
-    failed = condition(job, ("Failed",))
-    if failed:
-        return "failed", _reason(failed)
-    return ("running" if (job.get("status") or {}).get("active") else "pending"), None
+    return _finished(job) or (
+        ("running" if (job.get("status") or {}).get("active") else "pending"), None)
 
 
 def pytorchjob_state(job: dict) -> tuple[str, str | None]:
@@ -79,11 +84,9 @@ def trainjob_state(job: dict | None) -> tuple[str, str | None]:
     (Kueue keeps a TrainJob suspended until it admits all of its pods)."""
     if job is None:
         return "absent", None
-    if condition(job, ("Complete",)):
-        return "succeeded", None
-    failed = condition(job, ("Failed",))
-    if failed:
-        return "failed", _reason(failed)
+    finished = _finished(job)
+    if finished:
+        return finished
     if condition(job, ("Suspended",)):
         return "suspended", None
     active = any(j.get("active") for j in (job.get("status") or {}).get("jobsStatus") or [])
