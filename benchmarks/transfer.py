@@ -145,7 +145,8 @@ def probe_all(trunks: dict, *, args) -> list[dict]:
         store = CheckpointStore(open_storage(str(run_dir)))
         entries = [e for e in store.list_checkpoints() if e.get("milestone")]
         last = store.list_checkpoints()[-1]
-        for entry in entries + ([last] if last["step"] > entries[-1]["step"] else []):
+        for entry in entries + ([last] if not entries or last["step"] > entries[-1]["step"]
+                                else []):
             add(name, load_entry(store, entry), entry["step"], pretext_at(run_dir, entry["step"]))
     return rows
 
@@ -163,7 +164,8 @@ def table(rows: list[dict]) -> str:
 
 
 def targets(rows: list[dict], *, gain: float) -> list[str]:
-    """Issue 9's targets at the last milestone of each trunk, as PASS/MISS lines."""
+    """Issue 9's targets at the last milestone of each trunk, as PASS/MISS lines ("rises" is
+    checked as last milestone above the first: the curve between may dip)."""
     final = {}
     for r in rows:
         final[r["trunk"]] = r  # rows are in step order per trunk
@@ -185,7 +187,8 @@ def targets(rows: list[dict], *, gain: float) -> list[str]:
         out.append(f"{'PASS' if v >= base + gain else 'MISS'} {combo} >= random + {gain:.2f}: "
                    f"{v:.3f} vs {base + gain:.3f}")
         curve = [r["top1"] for r in rows if r["trunk"] == combo]
-        out.append(f"{'PASS' if curve[-1] > curve[0] else 'MISS'} {combo} curve rises: "
+        out.append(f"{'PASS' if curve[-1] > curve[0] else 'MISS'} {combo} last milestone above "
+                   "the first: "
                    + " -> ".join(f"{v:.3f}" for v in curve))
     return out
 
