@@ -77,11 +77,6 @@ class TaskHealth:
     status: str  # learning, warming_up, or one of UNHEALTHY
     detail: str = ""  # why, in words, when status is not learning
 
-    def as_dict(self) -> dict:
-        return {"metric": self.metric, "value": self.value, "chance": self.chance,
-                "effective_rank": self.effective_rank, "status": self.status,
-                "detail": self.detail}
-
 
 class HealthCheck:
     """A fixed held-out batch per task (drawn once) and the checks run on it."""

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -235,7 +235,7 @@ class TrainingRun:
             self.metrics.health(task, metric=h.metric, value=h.value, chance=h.chance,
                                 effective_rank=h.effective_rank, status=h.status,
                                 unhealthy=UNHEALTHY)
-        return {t: h.as_dict() for t, h in found.items()}
+        return {t: asdict(h) for t, h in found.items()}
 
     def publish_alpha(self) -> None:
         for task in self.model.tasks:
