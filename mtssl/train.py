@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from mtssl.models.multitask import MultiTaskNet
 from mtssl.optim import PerTaskRMSProp
 from mtssl.preflight import check_data, open_checked
 from mtssl.runlock import RunLock, claim_run
+from mtssl.runlog import Accumulator, append_log, progress, truncate_log
 from mtssl.schedules import lr_scale
 from mtssl.tasks import TASKS
 
@@ -88,6 +90,55 @@ def task_gradients(model: MultiTaskNet, task: str, batch: dict[str, Tensor], *, 
     return present, out.loss.item(), out.metrics
 
 
+class TaskFeed:
+    """One task's share of every step, as a worker computes it: the next batch of the task's
+    stream (its `shard` of each global batch), the task's gradients, and a report of the round.
+
+    A distributed worker holds one; the single-process trainer holds one per task in-process.
+    Reports are plain data (loss, metrics, samples, device_s, skipped, seconds), so the run
+    folds them in the same way wherever they were computed.
+    """
+
+    def __init__(self, cfg: Config, task: str, *, model: MultiTaskNet, data: TaskData,
+                 device: torch.device, clock: DeviceClock, shard: tuple[int, int] = (0, 1)):
+        self.cfg, self.task, self.model, self.data = cfg, task, model, data
+        self.device, self.clock, self.shard = device, clock, shard
+        self.params = dict(model.named_parameters())
+        self.names = model.owned_names()[task]
+        self.batches, self.expected = None, None  # the open stream, and its next batch index
+
+    def compute(self, *, step: int, batch_index: int) -> tuple[dict[str, Tensor], dict]:
+        """Gradients of batch `batch_index` at `step`, and the round's report (device_s not yet
+        counted: the caller laps the clock once the gradients have left, see `finish`)."""
+        t0 = time.perf_counter()
+        if batch_index != self.expected:  # first round, or the position moved (resume, async)
+            stream = self.data.stream(self.task, start_batch=batch_index, shard=self.shard)
+            self.batches = iter(loader(stream, num_workers=self.cfg.data.num_workers))
+        batch = next(self.batches)
+        self.expected = batch_index + 1
+        skipped = batch["skipped"]
+        batch = to_device(batch, self.device)
+        grads, loss, metrics = task_gradients(self.model, self.task, batch, cfg=self.cfg,
+                                              params=self.params, names=self.names, step=step)
+        report = {"loss": loss, "metrics": metrics, "samples": len(next(iter(batch.values()))),
+                  "skipped": skipped, "seconds": time.perf_counter() - t0}
+        return grads, report
+
+    def finish(self, report: dict) -> dict:
+        """Count the device time since the previous lap as this round's."""
+        report["device_s"] = self.clock.lap()
+        return report
+
+
+@dataclass
+class Round:
+    """One task's completed round, as the run applies it."""
+    grads: dict[str, Tensor]  # mean over the task's workers
+    reports: list[dict]  # one per worker (TaskFeed reports)
+    seconds: float  # the round's time as the driver saw it (the step-time metric)
+    buffer_changes: dict[str, Tensor] = field(default_factory=dict)  # distributed: mean change
+
+
 @dataclass
 class RunState:
     step: int = 0
@@ -109,6 +160,10 @@ class TrainingRun:
     layout is the same, so either resumes (and evaluation reads) the other's checkpoints.
     """
     role = "trainer"
+    # Whether the rounds' reports were computed in this process (their device-seconds are then
+    # this process's to export) and whether a progress bar may be drawn.
+    own_reports = True
+    progress_bar = True
 
     def __init__(self, cfg: Config, *, resume: bool = False, force: bool = False,
                  allow_changed: tuple[str, ...] = (), create_bucket: bool = False,
@@ -147,6 +202,7 @@ class TrainingRun:
         self.health = (HealthCheck(cfg, self.data, self.model, self.device)
                        if cfg.health.enabled else None)
         self.budget_checked_s = self.state.device_total_s  # total at the last milestone check
+        self.lock = threading.RLock()  # parameters, optimizer and run state (async serves threads)
 
     # --- state -----------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
@@ -255,11 +311,128 @@ class TrainingRun:
                         warmup_steps=sched.warmup_steps, decay=sched.decay,
                         min_ratio=sched.min_lr_ratio)
 
+    def shared_time(self, seconds: float) -> None:
+        """Time this process spent for all tasks (optimizer step, checkpoints): device time."""
+        self.account(SHARED, seconds)
+
+    # --- the loop ----------------------------------------------------------------------------
+    # Both launchers drive it: the Trainer with its tasks' feeds in this process, the
+    # coordinator with rounds its workers compute. Everything a step decides (update, run
+    # state, accounting, log, checkpoints, budgets, milestones, stopping) happens here once.
+    def start_loop(self) -> None:
+        self.metrics_path = self.open_log()
+        self.serve_metrics()
+        self.clock = DeviceClock()
+        self.t0 = self.saved_at = self.t_window = time.perf_counter()
+        self.window = Accumulator()
+        self.wall_at_start = self.state.wall_s
+        self.bar = (progress(total=self.cfg.schedule.max_steps, start=self.state.step,
+                             name=self.cfg.name)
+                    if self.progress_bar and self.cfg.output.progress else None)
+        if self.budget_exhausted():
+            self.request_stop("gpu_budget")
+
+    def stop_due(self) -> str | None:
+        sched = self.cfg.schedule
+        if sched.time_budget_s and time.perf_counter() - self.t0 >= sched.time_budget_s:
+            return "time_budget"
+        return "gpu_budget" if self.budget_exhausted() else None
+
+    def run_steps(self, rounds: Callable[[int], dict[str, Round] | None], *, last: int) -> None:
+        """Steps until `last`, a stop condition or an incomplete round (`rounds` -> None).
+
+        `rounds(step)` returns every task's completed round of that step; all are applied
+        together, as one step of the per-task optimizer.
+        """
+        while self.stop_reason is None and self.state.step < last:
+            due = self.stop_due()
+            if due:
+                self.request_stop(due)
+                break
+            step, scale = self.state.step, self.scale_now()
+            results = rounds(step)
+            if results is None:
+                return  # a task's round failed: the state stays at the last full step
+            with self.lock:
+                self.opt.step({t: r.grads for t, r in results.items()}, lr_scale=scale)
+                for task, r in results.items():
+                    self.add_buffer_changes(r.buffer_changes)
+                    self.record(task, r.reports, r.seconds)
+                self.state.step += 1
+                self.after_step(scale)
+
+    @torch.no_grad()
+    def add_buffer_changes(self, changes: dict[str, Tensor]) -> None:
+        buffers = dict(self.model.named_buffers())
+        for name, change in changes.items():
+            buf = buffers[name]
+            buf.add_(change.round().to(buf.dtype) if not buf.is_floating_point() else change)
+
+    def record(self, task: str, reports: list[dict], seconds: float) -> None:
+        """Fold one applied round's reports into the run state, totals, log window and metrics."""
+        n = sum(r["samples"] for r in reports)
+        loss = sum(r["loss"] for r in reports) / len(reports)
+        keys = reports[0]["metrics"].keys()
+        means = {k: sum(r["metrics"][k] for r in reports) / len(reports) for k in keys}
+        for r in reports:
+            self.account(task, r["device_s"], own=self.own_reports)
+            for item, reason in r["skipped"]:
+                self.state.skipped[task].setdefault(item, reason)
+        self.state.samples[task] += n
+        self.state.positions[task] += 1
+        self.window.add(task, loss=loss, n=n, **means)
+        self.metrics.step(task, seconds=seconds, samples=n)
+        self.metrics.loss(task, loss)
+
+    def after_step(self, scale: float) -> None:
+        """Log, checkpoint, count time and check the budget once the run's step has advanced
+        (lock held)."""
+        cfg, step = self.cfg, self.state.step
+        self.state.wall_s = self.wall_at_start + time.perf_counter() - self.t0
+        seconds = time.perf_counter() - self.t_window
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(self.window.postfix(seconds))
+        if step % cfg.output.log_every == 0 or step == cfg.schedule.max_steps:
+            record = {**self.window.record(step, scale, seconds),
+                      "device_hours": self.state.device_total_s / 3600,
+                      "updates": dict(self.window.counts), "health": self.health_record(),
+                      **self.log_extras()}
+            append_log(self.metrics_path, record)
+            if self.bar is None:
+                log.info("step %d: %s", step, self.window.postfix(seconds))
+            self.window, self.t_window = Accumulator(), time.perf_counter()
+            self.publish_alpha()
+        every_s = cfg.distributed.checkpoint_every_s
+        if step % cfg.output.checkpoint_every == 0 or (
+                every_s and time.perf_counter() - self.saved_at >= every_s):
+            self.save()
+            self.saved_at = time.perf_counter()
+        self.shared_time(self.clock.lap())
+        if self.check_budget():
+            self.request_stop("gpu_budget")
+
+    def log_extras(self) -> dict:
+        """More fields for a log record (the async coordinator's staleness)."""
+        return {}
+
+    def finish_loop(self) -> str:
+        """The final checkpoint; returns why the run stopped."""
+        if self.bar is not None:
+            self.bar.close()
+        self.shared_time(self.clock.lap())
+        self.publish_totals()
+        self.save()
+        reason = self.stop_reason or ("max_steps" if self.state.step >= self.cfg.schedule.max_steps
+                                      else "stop_at")
+        log.info("stopped at step %d (%s); skipped items: %s", self.state.step, reason,
+                 skip_summary(self.state.skipped))
+        return reason
+
 
 class Trainer(TrainingRun):
-    """All enabled tasks in this process: one batch per task per step."""
+    """All enabled tasks in this process: one worker's feed per task, one batch each per step."""
 
-    # --- loop ------------------------------------------------------------------------------
     def train(self, *, stop_at: int | None = None) -> RunState:
         """Train to schedule.max_steps (or `stop_at`, an interruption point), then checkpoint.
 
@@ -267,76 +440,22 @@ class Trainer(TrainingRun):
         request_stop. Holds the run's lock throughout.
         """
         with RunLock(self.run_dir):
-            return self._train(stop_at)
+            self.start_loop()
+            feeds = {t: TaskFeed(self.cfg, t, model=self.model, data=self.data,
+                                 device=self.device, clock=self.clock) for t in self.model.tasks}
+            self.model.train()
 
-    def _train(self, stop_at: int | None) -> RunState:
-        cfg, sched = self.cfg, self.cfg.schedule
-        last = min(sched.max_steps, stop_at or sched.max_steps)
-        metrics_path = self.open_log()
-        self.serve_metrics()
-        its = {t: iter(loader(self.data.stream(t, start_batch=self.state.positions[t]),
-                              num_workers=cfg.data.num_workers)) for t in self.model.tasks}
-        self.model.train()
-        bar = progress(cfg, self.state.step)
-        window, t_window, t0 = Accumulator(), time.perf_counter(), time.perf_counter()
-        wall_at_start = self.state.wall_s
-        clock = DeviceClock()
-        stop_reason = "max_steps" if last == sched.max_steps else "stop_at"
-        if self.budget_exhausted():
-            last, stop_reason = self.state.step, "gpu_budget"
-        while self.state.step < last:
-            step, scale = self.state.step, self.scale_now()
-            grads = {}
-            for task in self.model.tasks:
-                t_task = time.perf_counter()
-                batch = next(its[task])
-                for item, reason in batch["skipped"]:
-                    if item not in self.state.skipped[task]:
-                        self.state.skipped[task][item] = reason
-                batch = to_device(batch, self.device)
-                grads[task], loss, metrics = task_gradients(
-                    self.model, task, batch, cfg=cfg, params=self.params,
-                    names=self.owners[task], step=step)
-                n = len(next(iter(batch.values())))
-                self.state.samples[task] += n
-                self.state.positions[task] += 1
-                window.add(task, loss=loss, n=n, **metrics)
-                self.account(task, clock.lap())
-                self.metrics.step(task, seconds=time.perf_counter() - t_task, samples=n)
-                self.metrics.loss(task, loss)
-            self.opt.step(grads, lr_scale=scale)
-            self.state.step += 1
-            self.state.wall_s = wall_at_start + time.perf_counter() - t0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(window.postfix(time.perf_counter() - t_window))
-            if self.state.step % cfg.output.log_every == 0 or self.state.step == sched.max_steps:
-                record = window.record(self.state.step, scale, time.perf_counter() - t_window)
-                record["device_hours"] = self.state.device_total_s / 3600
-                record["health"] = self.health_record()
-                append_log(metrics_path, record)
-                window, t_window = Accumulator(), time.perf_counter()
-                self.publish_alpha()
-            if self.state.step % cfg.output.checkpoint_every == 0:
-                self.save()
-            self.account(SHARED, clock.lap())
-            if self.check_budget():
-                stop_reason = "gpu_budget"
-                break
-            if sched.time_budget_s and time.perf_counter() - t0 >= sched.time_budget_s:
-                stop_reason = "time_budget"
-                break
-            if self.stop_reason is not None:
-                stop_reason = self.stop_reason
-                break
-        if bar is not None:
-            bar.close()
-        self.account(SHARED, clock.lap())
-        self.publish_totals()
-        self.save()
-        log.info("stopped at step %d (%s); skipped items: %s", self.state.step, stop_reason,
-                 skip_summary(self.state.skipped))
-        return self.state
+            def rounds(step: int) -> dict[str, Round]:
+                done = {}
+                for task, feed in feeds.items():
+                    grads, report = feed.compute(step=step, batch_index=self.state.positions[task])
+                    done[task] = Round(grads, [feed.finish(report)], seconds=report["seconds"])
+                return done
+
+            self.run_steps(rounds, last=min(self.cfg.schedule.max_steps,
+                                            stop_at or self.cfg.schedule.max_steps))
+            self.finish_loop()
+            return self.state
 
 
 def check_changeable(cfg: Config, keys: tuple[str, ...]) -> tuple[str, ...]:
@@ -378,68 +497,4 @@ def diff_keys(a, b, prefix: str) -> list[str]:
 def skip_summary(skipped: dict[str, dict[str, str]]) -> dict[str, dict[str, int]]:
     return {t: dict(Counter(items.values())) for t, items in skipped.items() if items}
 
-
-class Accumulator:
-    """Sums per-task numbers over a logging window; reports means."""
-
-    def __init__(self):
-        self.sums: dict[str, Counter] = {}
-        self.counts: Counter = Counter()
-        self.samples: Counter = Counter()
-
-    def add(self, task: str, *, n: int, **values: float) -> None:
-        self.sums.setdefault(task, Counter()).update(values)
-        self.counts[task] += 1
-        self.samples[task] += n
-
-    def means(self) -> dict[str, dict[str, float]]:
-        return {t: {k: v / self.counts[t] for k, v in s.items()} for t, s in self.sums.items()}
-
-    def postfix(self, seconds: float) -> str:
-        losses = " ".join(f"{t[:6]}={m['loss']:.3g}" for t, m in self.means().items())
-        rate = sum(self.samples.values()) / max(seconds, 1e-9)
-        return f"{losses} | {rate:.1f} samples/s"
-
-    def record(self, step: int, scale: float, seconds: float) -> dict:
-        return {"step": step, "lr_scale": scale, "seconds": seconds,
-                "samples_per_s": sum(self.samples.values()) / max(seconds, 1e-9),
-                "tasks": self.means()}
-
-
-def append_log(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log records past the checkpoint so the curve has no duplicates.
-
-    A line that does not parse (a crash mid-write tears the last one) is dropped with a warning:
-    the checkpoints, not the log, hold the run's state.
-    """
-    if not path.exists():
-        return
-    keep = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            record = {}
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            if line.strip():
-                log.warning("%s line %d is torn or not a record; dropped: %.80r", path, number, line)
-            continue
-        if record["step"] <= step:
-            keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
-
-
-def progress(cfg: Config, start: int):
-    if not cfg.output.progress:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=cfg.schedule.max_steps, initial=start, desc=cfg.name, unit="step",
-                dynamic_ncols=True, mininterval=1.0)
 

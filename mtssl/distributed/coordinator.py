@@ -36,20 +36,22 @@ from collections import defaultdict
 
 import torch
 
-from mtssl.accounting import SHARED, DeviceClock
+from mtssl.accounting import SHARED
 from mtssl.config import Config
 from mtssl.distributed.env import RoleEnv
 from mtssl.distributed.protocol import ABORT, CONTINUE, STOP, Layout
 from mtssl.distributed.staleness import StalenessGate
 from mtssl.distributed.transport import PeerLost, connect, disconnect, guarded
 from mtssl.runlock import RunLock
-from mtssl.train import Accumulator, TrainingError, TrainingRun, append_log
+from mtssl.train import Round, TrainingError, TrainingRun
 
 log = logging.getLogger("mtssl.coordinator")
 
 
 class Coordinator(TrainingRun):
     role = "coordinator"
+    own_reports = False  # workers export their own device-seconds
+    progress_bar = False  # a pod's log: one line per log step instead
 
     def __init__(self, cfg: Config, env: RoleEnv, **start):
         """`start`: TrainingRun's resume, force, allow_changed, create_bucket."""
@@ -60,10 +62,8 @@ class Coordinator(TrainingRun):
         self.layouts = {t: Layout.of(self.model, t) for t in self.tasks}
         self.workers = {t: getattr(cfg.tasks, t).workers for t in self.tasks}
         self.buffers = dict(self.model.named_buffers())
-        self.lock = threading.RLock()  # canonical parameters, optimizer, run state
         self.failures: dict[str, str] = {}
         self.dead: set[str] = set()  # task groups that can no longer be talked to
-        self.window = Accumulator()
         self.staleness_max: dict[str, int] = defaultdict(int)
         self.sent: dict[str, dict[str, torch.Tensor]] = {}  # task -> buffers its workers got
         self.gate: StalenessGate | None = None
@@ -72,9 +72,7 @@ class Coordinator(TrainingRun):
     # --- control -----------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
         """Finish the rounds in flight, stop every worker, checkpoint (thread and signal safe)."""
-        if self.stop_reason is None:
-            self.stop_reason = reason
-            log.info("stopping: %s", reason)
+        super().request_stop(reason)
         if self.gate is not None:
             self.gate.stop()
 
@@ -93,21 +91,18 @@ class Coordinator(TrainingRun):
             return self._run()
 
     def _run(self) -> str:
-        self.metrics_path = self.open_log()
-        self.serve_metrics()
         log.info("coordinator: %s mode, tasks %s, %d processes, rendezvous %s:%d",
                  self.cfg.distributed.mode, self.workers, 1 + sum(self.workers.values()),
                  self.env.addr, self.env.port)
+        self.start_loop()
         self.groups = connect(self.cfg, self.env, rank=0)
         try:
             self.greet()
-            self.clock = DeviceClock()
-            self.t0 = self.saved_at = self.t_window = time.perf_counter()
-            self.wall_at_start = self.state.wall_s
-            if self.budget_exhausted():
-                self.request_stop("gpu_budget")
             try:
-                (self.run_async if self.cfg.distributed.mode == "async" else self.run_sync)()
+                if self.cfg.distributed.mode == "async":
+                    self.run_async()
+                else:
+                    self.run_steps(self.sync_round, last=self.cfg.schedule.max_steps)
             except Exception as err:  # noqa: BLE001 - stop the workers first, then re-raise
                 self.error = err
             self.stop_workers()
@@ -115,21 +110,24 @@ class Coordinator(TrainingRun):
                 log.error("stopping without saving, the last good checkpoint is kept")
                 raise self.error
             with self.lock:
-                self.cpu_seconds(self.clock.lap())
-                self.publish_totals()
-                self.save()
+                reason = self.finish_loop()
         finally:
             disconnect()
         if self.failures:
             raise PeerLost("; ".join(self.failures.values()) + f" (checkpoint at step "
                            f"{self.state.step})")
-        self.stop_reason = self.stop_reason or "max_steps"
-        log.info("stopped at step %d (%s)", self.state.step, self.stop_reason)
-        return self.stop_reason
+        return reason
 
-    def cpu_seconds(self, seconds: float) -> None:
+    def shared_time(self, seconds: float) -> None:
         """The coordinator's own time: a CPU-hour metric, not in the run's GPU-hour totals."""
         self.metrics.device_seconds(SHARED, seconds)
+
+    def log_extras(self) -> dict:
+        if self.cfg.distributed.mode != "async":
+            return {}
+        extras = {"staleness_max": dict(self.staleness_max)}
+        self.staleness_max.clear()
+        return extras
 
     def greet(self) -> None:
         """Every worker must run the same model and data config as the coordinator."""
@@ -156,12 +154,6 @@ class Coordinator(TrainingRun):
                 except PeerLost as err:
                     self.fail(task, err)
 
-    def stop_due(self) -> str | None:
-        sched = self.cfg.schedule
-        if sched.time_budget_s and time.perf_counter() - self.t0 >= sched.time_budget_s:
-            return "time_budget"
-        return "gpu_budget" if self.budget_exhausted() else None
-
     # --- one task's round, in pieces ---------------------------------------------------------
     def send(self, task: str, command: int, *, step: int = 0) -> None:
         import torch.distributed as dist
@@ -174,8 +166,8 @@ class Coordinator(TrainingRun):
             dist.broadcast(down, src=0, group=self.groups[task])
         self.sent[task] = layout.sent_buffers(down)
 
-    def receive(self, task: str) -> tuple[dict, dict, list[dict]]:
-        """(mean gradients, buffer changes, worker reports) of the round in flight."""
+    def receive(self, task: str, started: float) -> Round:
+        """The round in flight: mean gradients, buffer changes and the workers' reports."""
         import torch.distributed as dist
         layout, group = self.layouts[task], self.groups[task]
         up = torch.zeros(layout.up_size)
@@ -185,86 +177,26 @@ class Coordinator(TrainingRun):
             dist.gather_object(None, reports, dst=0, group=group)
         grads, buffers = layout.unpack_up(up, self.workers[task])
         changes = {n: b - self.sent[task][n] for n, b in buffers.items()}
-        return grads, changes, reports[1:]
+        return Round(grads, reports[1:], seconds=time.perf_counter() - started,
+                     buffer_changes=changes)
 
-    @torch.no_grad()
-    def add_buffer_changes(self, changes: dict[str, torch.Tensor]) -> None:
-        for name, change in changes.items():
-            buf = self.buffers[name]
-            buf.add_(change.round().to(buf.dtype) if not buf.is_floating_point() else change)
-
-    def record(self, task: str, reports: list[dict], seconds: float) -> None:
-        """Fold one applied round's reports into the run state, totals, log window and metrics."""
-        n = sum(r["samples"] for r in reports)
-        loss = sum(r["loss"] for r in reports) / len(reports)
-        keys = reports[0]["metrics"].keys()
-        means = {k: sum(r["metrics"][k] for r in reports) / len(reports) for k in keys}
-        for r in reports:
-            self.account(task, r["device_s"], own=False)
-            for item, reason in r["skipped"]:
-                self.state.skipped[task].setdefault(item, reason)
-        self.state.samples[task] += n
-        self.state.positions[task] += 1
-        self.window.add(task, loss=loss, n=n, **means)
-        self.metrics.step(task, seconds=seconds, samples=n)
-        self.metrics.loss(task, loss)
-
-    def after_step(self, scale: float) -> None:
-        """Log and checkpoint once the run's step has advanced (lock held)."""
-        cfg, step = self.cfg, self.state.step
-        self.state.wall_s = self.wall_at_start + time.perf_counter() - self.t0
-        self.cpu_seconds(self.clock.lap())
-        if step % cfg.output.log_every == 0 or step == cfg.schedule.max_steps:
-            seconds = time.perf_counter() - self.t_window
-            record = {**self.window.record(step, scale, seconds),
-                      "device_hours": self.state.device_total_s / 3600,
-                      "updates": dict(self.window.counts), "health": self.health_record()}
-            if cfg.distributed.mode == "async":
-                record["staleness_max"] = dict(self.staleness_max)
-                self.staleness_max.clear()
-            append_log(self.metrics_path, record)
-            log.info("step %d: %s", step, self.window.postfix(seconds))
-            self.window, self.t_window = Accumulator(), time.perf_counter()
-            self.publish_alpha()
-        every_s = cfg.distributed.checkpoint_every_s
-        if step % cfg.output.checkpoint_every == 0 or (
-                every_s and time.perf_counter() - self.saved_at >= every_s):
-            self.save()
-            self.saved_at = time.perf_counter()
-
-    # --- sync --------------------------------------------------------------------------------
-    def run_sync(self) -> None:
-        while self.stop_reason is None and self.state.step < self.cfg.schedule.max_steps:
-            due = self.stop_due()
-            if due:
-                self.request_stop(due)
-                break
-            step, scale = self.state.step, self.scale_now()
-            t_round = time.perf_counter()
-            live = [t for t in self.tasks if t not in self.dead]
-            for task in live:
-                try:
-                    self.send(task, CONTINUE, step=step)
-                except PeerLost as err:
-                    self.fail(task, err)
-            results = {}
-            for task in [t for t in live if t not in self.dead]:
-                try:
-                    results[task] = self.receive(task)
-                except PeerLost as err:
-                    self.fail(task, err)
-            if self.dead:
-                return  # the round is incomplete: the state stays at the last full step
-            with self.lock:
-                self.opt.step({t: r[0] for t, r in results.items()}, lr_scale=scale)
-                seconds = time.perf_counter() - t_round
-                for task, (_, changes, reports) in results.items():
-                    self.add_buffer_changes(changes)
-                    self.record(task, reports, seconds)
-                self.state.step += 1
-                self.after_step(scale)
-                if self.check_budget():
-                    self.request_stop("gpu_budget")
+    # --- sync: the trainer's step, computed by the workers -----------------------------------
+    def sync_round(self, step: int) -> dict[str, Round] | None:
+        """Every live task's round of `step`; None when a task lost a peer."""
+        started = time.perf_counter()
+        live = [t for t in self.tasks if t not in self.dead]
+        for task in live:
+            try:
+                self.send(task, CONTINUE, step=step)
+            except PeerLost as err:
+                self.fail(task, err)
+        results = {}
+        for task in [t for t in live if t not in self.dead]:
+            try:
+                results[task] = self.receive(task, started)
+            except PeerLost as err:
+                self.fail(task, err)
+        return None if self.dead else results
 
     # --- async -------------------------------------------------------------------------------
     def run_async(self) -> None:
@@ -289,36 +221,36 @@ class Coordinator(TrainingRun):
         while True:
             if self.gate.start(task) is None:
                 return
-            t_round = time.perf_counter()
+            started = time.perf_counter()
             try:
                 self.send(task, CONTINUE, step=self.state.positions[task])
-                grads, changes, reports = self.receive(task)
+                result = self.receive(task, started)
             except PeerLost as err:
                 self.gate.abandon(task)
                 self.fail(task, err)
                 return
             try:
-                self.apply_async(task, grads, changes, reports, time.perf_counter() - t_round)
+                self.apply_async(task, result)
             except Exception as err:  # noqa: BLE001 - the main thread re-raises it
                 self.error = err
                 self.gate.abandon(task)
                 self.request_stop(f"error in task {task!r}: {err}")
                 return
 
-    def apply_async(self, task: str, grads: dict, changes: dict, reports: list[dict],
-                    seconds: float) -> None:
+    def apply_async(self, task: str, result: Round) -> None:
+        """One task's update as it arrives; the run's step advances every n updates."""
         n = len(self.tasks)
         with self.lock:
             scale = self.scale_now()
-            self.opt.apply(self.opt.deltas(task, grads, lr_scale=scale))
-            self.add_buffer_changes(changes)
+            self.opt.apply(self.opt.deltas(task, result.grads, lr_scale=scale))
+            self.add_buffer_changes(result.buffer_changes)
             staleness = self.gate.finish(task)
             self.staleness_max[task] = max(self.staleness_max[task], staleness)
             self.metrics.staleness(task, staleness)
-            self.record(task, reports, seconds)
+            self.record(task, result.reports, result.seconds)
             progress = sum(self.opt.steps.values()) // n
             if progress > self.state.step:
                 self.state.step = progress
                 self.after_step(scale)
-            if self.check_budget():
+            elif self.check_budget():  # milestones between steps too
                 self.request_stop("gpu_budget")

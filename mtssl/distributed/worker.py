@@ -2,7 +2,7 @@
 
 Each round it receives the task's parameters and buffers from the coordinator, draws its slice
 (`shard=(index, workers)`) of the batch the coordinator names, computes gradients with the
-trainer's own `task_gradients`, and reduces them (summed; the coordinator divides by the worker
+same `TaskFeed` the single-process trainer runs in-process, and reduces them (summed; the coordinator divides by the worker
 count, so the update uses the mean over the global batch) together with its buffers after the
 forward pass, then reports loss, metrics, samples, skipped items and device-seconds.
 """
@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 
 import torch
 
 from mtssl.accounting import DeviceClock, device_type
 from mtssl.config import Config
 from mtssl.data.sources import TaskData
-from mtssl.data.stream import loader
 from mtssl.distributed.env import RoleEnv
 from mtssl.distributed.protocol import CONTINUE, STOP, Layout, role_name, worker_rank
 from mtssl.distributed.transport import connect, disconnect, guarded
@@ -26,7 +24,7 @@ from mtssl.metrics import Metrics
 from mtssl.models.multitask import MultiTaskNet, build_trunk, trunk_info
 from mtssl.preflight import check_data
 from mtssl.tasks import TASKS
-from mtssl.train import TrainingError, resolve_device, task_gradients, to_device
+from mtssl.train import TaskFeed, TrainingError, resolve_device
 
 log = logging.getLogger("mtssl.worker")
 
@@ -49,16 +47,11 @@ class Worker:
         self.model = single_task_net(cfg, self.task).to(self.device).train()
         self.params = dict(self.model.named_parameters())
         self.buffers = dict(self.model.named_buffers())
-        self.names = self.model.owned_names()[self.task]
         self.layout = Layout.of(self.model, self.task)
         self.data = TaskData(cfg)
         check_data(self.data, [self.task])  # before joining: a bad folder fails here, in one line
         self.metrics = Metrics(run=env.run, role="worker", device_type=device_type(self.device.type))
         self.rounds = 0
-
-    def batches(self, start: int):
-        stream = self.data.stream(self.task, start_batch=start, shard=(self.index, self.workers))
-        return iter(loader(stream, num_workers=self.cfg.data.num_workers))
 
     def run(self) -> int:
         """Serve rounds until the coordinator says stop; returns the number of rounds served."""
@@ -82,7 +75,8 @@ class Worker:
         import torch.distributed as dist
         down = torch.empty(self.layout.down_size)
         up = torch.empty(self.layout.up_size)
-        clock, batches, expected = DeviceClock(), None, None
+        feed = TaskFeed(self.cfg, self.task, model=self.model, data=self.data, device=self.device,
+                        clock=DeviceClock(), shard=(self.index, self.workers))
         while True:
             with guarded(f"{self.name}: receiving parameters from the coordinator"):
                 dist.broadcast(down, src=0, group=group)
@@ -93,27 +87,15 @@ class Worker:
             if command != CONTINUE:
                 raise TrainingError(f"{self.name}: the coordinator aborted the run (see its log: "
                                     "every role must run the same config)")
-            t0 = time.perf_counter()
             self.layout.unpack_down(down, self.params, self.buffers)
-            if batch_index != expected:  # first round, or the coordinator moved the position
-                batches = self.batches(batch_index)
-            batch = next(batches)
-            expected = batch_index + 1
-            skipped = batch["skipped"]
-            batch = to_device(batch, self.device)
-            grads, loss, metrics = task_gradients(self.model, self.task, batch, cfg=self.cfg,
-                                                  params=self.params, names=self.names, step=step)
-            samples = len(next(iter(batch.values())))
+            grads, report = feed.compute(step=step, batch_index=batch_index)
             self.layout.pack_up(up, grads, self.buffers)
-            seconds = time.perf_counter() - t0
             with guarded(f"{self.name}: sending gradients to the coordinator"):
                 dist.reduce(up, dst=0, op=dist.ReduceOp.SUM, group=group)
-            spent = clock.lap()
             # Counted before the report leaves, so the coordinator's totals never exceed ours.
-            self.metrics.device_seconds(self.task, spent)
-            self.metrics.step(self.task, seconds=seconds, samples=samples)
-            report = {"loss": loss, "metrics": metrics, "samples": samples, "device_s": spent,
-                      "skipped": skipped, "seconds": seconds}
+            feed.finish(report)
+            self.metrics.device_seconds(self.task, report["device_s"])
+            self.metrics.step(self.task, seconds=report["seconds"], samples=report["samples"])
             with guarded(f"{self.name}: reporting to the coordinator"):
                 dist.gather_object(report, None, dst=0, group=group)
             self.rounds += 1
