@@ -124,3 +124,21 @@ def test_paper_config_builds_and_runs_one_step_at_reduced_input(tmp_path):
     state = trainer.train()
     assert state.step == 1
     assert not torch.equal(before, trainer.model.trunk.block3[0].conv2.weight)
+
+
+def test_trainer_runs_the_workers_feed_and_the_shared_loop(tiny_config, monkeypatch):
+    """One loop (issue 10): in-process, each task's round is the distributed worker's TaskFeed,
+    and every step goes through TrainingRun.after_step, the coordinator's own step logic."""
+    from mtssl.distributed import worker
+    from mtssl.train import TaskFeed, TrainingRun
+    assert worker.TaskFeed is TaskFeed
+    computed, stepped = [], []
+    compute, after_step = TaskFeed.compute, TrainingRun.after_step
+    monkeypatch.setattr(TaskFeed, "compute", lambda self, **kw: (
+        computed.append((self.task, kw["step"])), compute(self, **kw))[1])
+    monkeypatch.setattr(TrainingRun, "after_step", lambda self, scale: (
+        stepped.append(self.state.step), after_step(self, scale))[1])
+    cfg = tiny_config("schedule.max_steps=2", "health.enabled=false")
+    Trainer(cfg).train()
+    assert computed == [(t, s) for s in range(2) for t in cfg.enabled_tasks()]
+    assert stepped == [1, 2]
