@@ -113,7 +113,8 @@ class TaskFeed:
         t0 = time.perf_counter()
         if batch_index != self.expected:  # first round, or the position moved (resume, async)
             stream = self.data.stream(self.task, start_batch=batch_index, shard=self.shard)
-            self.batches = iter(loader(stream, num_workers=self.cfg.data.num_workers))
+            self.batches = iter(loader(stream, num_workers=self.cfg.data.num_workers,
+                                       pin_memory=self.device.type == "cuda"))
         batch = next(self.batches)
         self.expected = batch_index + 1
         skipped = batch["skipped"]

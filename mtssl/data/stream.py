@@ -144,7 +144,10 @@ class TaskStream(IterableDataset):
             b += nw
 
 
-def loader(stream: TaskStream, *, num_workers: int) -> DataLoader:
-    """Batches come out in order b, b+1, ... whatever the worker count (DataLoader keeps order)."""
-    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+def loader(stream: TaskStream, *, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Batches come out in order b, b+1, ... whatever the worker count (DataLoader keeps order).
+
+    `pin_memory` (for a CUDA device): page-locked batches, so the copy to the device can overlap
+    the step (`non_blocking`)."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
