@@ -23,10 +23,8 @@ from mtssl.config import load_config
 from mtssl.data.sources import TaskData
 from mtssl.models.multitask import MultiTaskNet
 from mtssl.optim import PerTaskRMSProp
+from mtssl.tasks import TASKS
 from mtssl.train import task_gradients
-
-INPUT_KEY = {"relative_position": "patches", "colorization": "image", "exemplar": "views",
-             "motion_segmentation": "frame"}
 
 
 def timed(fn, repeats: int) -> float:
@@ -64,7 +62,7 @@ def main() -> None:
         it = iter(stream)
         first = next(it)  # warm-up (decoding, caches)
         t0 = time.perf_counter()
-        n = sum(len(b[INPUT_KEY[task]]) for b in it)
+        n = sum(len(b[TASKS[task].input_key]) for b in it)
         sampler_rate[task] = n / (time.perf_counter() - t0)
         first.pop("skipped")
         batches[task] = first
@@ -77,7 +75,7 @@ def main() -> None:
 
     def trunk_only():
         for t in model.tasks:
-            x = batches[t][INPUT_KEY[t]]
+            x = batches[t][TASKS[t].input_key]
             x = x.flatten(0, 1) if x.ndim == 5 else x  # pairs / view pairs go through as one batch
             model.zero_grad(set_to_none=True)
             model.trunk(x).out.sum().backward()

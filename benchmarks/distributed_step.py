@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--warmup", type=int, default=5)
     a = p.parse_args()
+    import mtssl.tasks  # noqa: F401  registers the tasks whose sections the config holds
     from mtssl.config import load_config
     sets = a.overrides + [f"schedule.max_steps={a.steps}", "output.log_every=1",
                           "output.report=false", "output.progress=false",

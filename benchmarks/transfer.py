@@ -31,8 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+from mtssl.config import read_yaml
+
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = ("relative_position", "colorization", "exemplar", "motion_segmentation")
+TASKS = tuple(read_yaml("quickstart")["tasks"])  # the quickstart's tasks, each also trained alone
 TRUNKS = ("random", *TASKS, "naive", "lasso")
 
 # Pre-training settings per machine kind, on top of the built-in configs. CPU: the quickstart

@@ -83,6 +83,7 @@ def start_flags(args) -> list[str]:
 
 
 def load(args):
+    import mtssl.tasks  # noqa: F401  registers the tasks whose sections the config holds
     from mtssl.config import load_config
     overrides = list(args.overrides)
     if getattr(args, "out", None):

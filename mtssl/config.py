@@ -7,6 +7,7 @@ Every section is a frozen dataclass; loading checks keys, types and ranges and r
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import types
 import typing
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from mtssl.task_sections import HarmonizationConfig, TaskSections, TasksConfig
 from mtssl.validation import ConfigError, require
 
 __all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "save_config"]
@@ -46,20 +48,6 @@ class LassoConfig:
 
     def __post_init__(self):
         require(self.l1 >= 0, "l1", f"must be >= 0, got {self.l1}")
-
-
-@dataclass(frozen=True)
-class HarmonizationConfig:
-    """Per task: feed Lab L replicated x3 (True) or the task's own RGB preprocessing."""
-    relative_position: bool = True
-    colorization: bool = True
-    exemplar: bool = False
-    motion_segmentation: bool = False
-
-    def __post_init__(self):
-        require(self.colorization, "colorization",
-                "colorization always sees L replicated x3 (its input is the grayscale image); "
-                "it cannot be switched off")
 
 
 @dataclass(frozen=True)
@@ -198,27 +186,14 @@ class HealthConfig:
                 f"must be >= 0, got {self.min_effective_rank}")
 
 
-def _tasks_config_cls():
-    # Task sections are declared by the task files themselves; this builds the section type.
-    from mtssl.tasks import TASKS
-    fields = [(name, t.config_cls, field(default_factory=t.config_cls)) for name, t in TASKS.items()]
-
-    def post_init(self):
-        require(any(getattr(self, n).enabled for n in TASKS), "",
-                f"at least one task must be enabled; tasks are {list(TASKS)}")
-
-    return dataclasses.make_dataclass("TasksConfig", fields, frozen=True,
-                                      namespace={"__post_init__": post_init})
-
-
-TasksConfig = _tasks_config_cls()
-
-
 @dataclass(frozen=True)
 class Config:
     name: str = "run"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Modules that register tasks of their own when imported (a TaskDef outside mtssl.tasks);
+    # imported before the task sections are read, here and in every process of a run.
+    task_modules: tuple[str, ...] = ()
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     lasso: LassoConfig = field(default_factory=LassoConfig)
@@ -238,7 +213,7 @@ class Config:
                 "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def enabled_tasks(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self.tasks) if getattr(self.tasks, f.name).enabled]
+        return [name for name, task in self.tasks.items() if task.enabled]
 
     @property
     def run_dir(self) -> Path:
@@ -279,6 +254,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if len(item_types) != len(value):
             raise ConfigError(key, f"expected a list of {len(item_types)} items, got {value!r}")
         return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+    if isinstance(tp, type) and issubclass(tp, TaskSections):
+        return tp.from_data(value, key, _coerce)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
     if tp is bool:
@@ -333,6 +310,8 @@ def to_dict(cfg: Any) -> Any:
     """Plain YAML-able data (tuples become lists) for saving and checkpoints."""
     if dataclasses.is_dataclass(cfg):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, TaskSections):
+        return {name: to_dict(value) for name, value in cfg.items()}
     if isinstance(cfg, (list, tuple)):
         return [to_dict(v) for v in cfg]
     return cfg
@@ -391,11 +370,22 @@ def load_config(source: str | Path = "quickstart", overrides: list[str] | tuple[
     data = read_yaml(source)
     for assignment in overrides:
         apply_override(data, assignment)
-    return build(Config, data)
+    return from_dict(data)
 
 
 def from_dict(data: dict) -> Config:
+    if isinstance(data, dict):
+        import_task_modules(_coerce(data.get("task_modules", []), tuple[str, ...], "task_modules"))
     return build(Config, data)
+
+
+def import_task_modules(modules: tuple[str, ...]) -> None:
+    """Import the modules that register a config's own tasks (a plugin's TaskDef)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError("task_modules", f"cannot import {module!r}: {err}") from None
 
 
 def save_config(cfg: Config, path: Path) -> None:

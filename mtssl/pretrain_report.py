@@ -2,8 +2,8 @@
 
 Loss and pretext-metric curves per task (from metrics.jsonl) with the held-out metric and its
 chance level, a verdict in words on which tasks learned (the learning-health checks of
-mtssl/health.py on the latest checkpoint), colorized predictions next to the originals,
-predicted motion masks next to the true ones, and the lasso alpha heatmap.
+mtssl/health.py on the latest checkpoint), each task's own figures (TaskDef.report: colorized
+predictions, predicted motion masks) and the lasso alpha heatmap.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 import yaml
 
 from mtssl.checkpoint import CheckpointStore
-from mtssl.colour import lab_to_rgb
 from mtssl.config import from_dict
 from mtssl.data.sources import TaskData
 from mtssl.eval.report import plot_alpha_matrix
 from mtssl.health import HealthCheck, run_progress
 from mtssl.models.multitask import MultiTaskNet
 from mtssl.storage import open_storage
+from mtssl.tasks import TASKS
 from mtssl.train import skip_summary
 
 
@@ -58,30 +58,6 @@ def plot_curves(records: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
-
-
-def save_grid(rows: list[list[np.ndarray]], titles: list[str], out: Path) -> None:
-    """rows of (H, W, 3) or (H, W) images in [0, 1]; one column per title."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(rows), len(titles), figsize=(2.4 * len(titles), 2.2 * len(rows)),
-                             squeeze=False)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            ax = axes[r][c]
-            ax.imshow(np.clip(img, 0, 1), cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
-            ax.axis("off")
-            if r == 0:
-                ax.set_title(titles[c], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-
-
-def display(x: torch.Tensor) -> np.ndarray:
-    """A network input (3, H, W) in [-1, 1] (RGB or replicated L) -> (H, W, 3) in [0, 1]."""
-    return ((x.permute(1, 2, 0).cpu().numpy() + 1.0) / 2.0).clip(0, 1)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -123,31 +99,10 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append(f"| {task} | {health.split[task]} items | {h.metric} | {h.value:.3f} | "
                      f"{h.chance:.3f} | {h.effective_rank:.1f} | {h.status} |")
     lines.append("")
-    first = health.batches
 
-    if "colorization" in first:
-        batch = first["colorization"]
-        head = model.heads["colorization"]
-        n = min(4, len(batch["image"]))
-        pred = head.colorize(batch["image"][:n], lambda x: model.features("colorization", x))
-        light = (batch["image"][:n, :1] + 1.0) * 50.0
-        truth = lab_to_rgb(torch.cat([light, batch["ab"][:n]], dim=1))
-        rows = [[display(batch["image"][i]), pred[i].permute(1, 2, 0).numpy(),
-                 truth[i].permute(1, 2, 0).numpy()] for i in range(n)]
-        save_grid(rows, ["input (L)", "colorized", "original"], out / "colorization.png")
-        lines += ["## Colorization", "", "![colorized samples](colorization.png)", ""]
-
-    if "motion_segmentation" in first:
-        batch = first["motion_segmentation"]
-        n = min(4, len(batch["frame"]))
-        prob = model.heads["motion_segmentation"].predict(
-            batch["frame"][:n], lambda x: model.features("motion_segmentation", x))
-        rows = [[display(batch["frame"][i]), batch["mask"][i, 0].numpy(), prob[i, 0].numpy()]
-                for i in range(n)]
-        save_grid(rows, ["frame", "true mask", "predicted P(moves)"], out / "motion.png")
-        source = "synthetic clips (embedded default)" if cfg.data.frames == "embedded" else cfg.data.frames
-        lines += ["## Motion segmentation", "", f"Frames from {source}.", "",
-                  "![predicted motion masks](motion.png)", ""]
+    for task, batch in health.batches.items():
+        if TASKS[task].report is not None:
+            lines += TASKS[task].report(model, batch, out, cfg)
 
     alpha = model.alpha_matrix().numpy()
     plot_alpha_matrix(alpha, model.tasks, out / "alpha.png")

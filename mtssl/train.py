@@ -51,9 +51,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def task_seed(seed: int, step: int, task_index: int) -> int:
+def task_seed(seed: int, step: int, task_id: int) -> int:
     """Seed for the torch RNG during one task's step, so resumed runs repeat it exactly."""
-    return (seed * 1_000_003 + step * 101 + task_index) % (2**63)
+    return (seed * 1_000_003 + step * 101 + task_id) % (2**63)
 
 
 def to_device(batch: dict, device: torch.device) -> dict[str, Tensor]:
@@ -66,9 +66,9 @@ def task_gradients(model: MultiTaskNet, task: str, batch: dict[str, Tensor], *, 
     """One task's weighted loss (+ lasso L1) and its gradients for the parameters it owns.
 
     `model` may hold only some of the config's tasks (a distributed worker's): the seed uses the
-    task's place among the config's enabled tasks, so every process draws the same numbers.
+    task's stable id (TaskDef.task_id), so every process draws the same numbers.
     """
-    torch.manual_seed(task_seed(cfg.seed, step, cfg.enabled_tasks().index(task)))
+    torch.manual_seed(task_seed(cfg.seed, step, TASKS[task].task_id))
     out = model(task, batch)
     loss = getattr(cfg.tasks, task).weight * out.loss
     penalty = model.mix[task].penalty()

@@ -15,6 +15,7 @@ from typing import List, NamedTuple
 from kfp import dsl, kubernetes
 
 from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, builders
+from mtssl.tasks import TASKS
 
 # The IR uses optional secretAsEnv keys and dsl.Collected over artifacts, which KFP backends
 # before 2.15 (Kubeflow 1.10 ships 2.5) reject or mis-run.
@@ -30,7 +31,7 @@ S3_SECRET = "mtssl-s3"
 S3_REQUIRED = {"endpoint": "MTSSL_S3_ENDPOINT", "access-key": "MTSSL_S3_ACCESS_KEY",
                "secret-key": "MTSSL_S3_SECRET_KEY"}
 S3_OPTIONAL = {"secure": "MTSSL_S3_SECURE", "region": "MTSSL_S3_REGION"}
-ALL_TASKS = ["relative_position", "colorization", "exemplar", "motion_segmentation"]
+ALL_TASKS = list(TASKS)  # the built-in tasks (registered on import), fixed in the IR at compile
 # kfp is installed in the images (the `pipeline` extra); no pip install at run time.
 component = dsl.component(base_image=STEP_CPU_IMAGE, install_kfp_package=False)
 gpu_component = dsl.component(base_image=STEP_GPU_IMAGE if EVAL_GPUS else STEP_CPU_IMAGE,

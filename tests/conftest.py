@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+import mtssl.tasks  # noqa: F401  registers the built-in tasks, as every entry point does
 import synthetic
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -1,3 +1,7 @@
+import pickle
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -48,10 +52,25 @@ def test_bad_values_name_the_key(override, key, words):
 
 
 def test_all_tasks_disabled_is_an_error():
-    off = [f"tasks.{t}.enabled=false" for t in
-           ("relative_position", "colorization", "exemplar", "motion_segmentation")]
+    off = [f"tasks.{t}.enabled=false" for t in load_config("quickstart").enabled_tasks()]
     with pytest.raises(ConfigError, match="at least one task"):
         load_config("quickstart", off)
+
+
+def test_config_imports_neither_torch_nor_pil():
+    # Config is the bottom layer: a fresh interpreter, so modules other tests loaded don't count.
+    code = ("import mtssl.config, sys; "
+            "assert 'torch' not in sys.modules and 'PIL' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_reading_a_config_needs_registered_tasks():
+    code = ("from mtssl.config import ConfigError, load_config\n"
+            "try:\n    load_config('quickstart')\n"
+            "except ConfigError as err:\n    print(err.key, '|', err)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.startswith("tasks |") and "import mtssl.tasks" in out.stdout
+    assert len(out.stdout.strip().splitlines()) == 1
 
 
 def test_unknown_config_name_lists_builtins():
@@ -64,6 +83,7 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again == cfg and to_dict(again) == to_dict(cfg)
+    assert pickle.loads(pickle.dumps(cfg)) == cfg  # DataLoader workers receive it pickled
 
 
 def test_cli_rejects_bad_config_before_work(capsys):

@@ -32,7 +32,7 @@ def fixed_batch(task, n=8):
     cfg = task_cfg(task)
     source = embedded_photos() if TASKS[task].source == "images" else synthetic_motion_clips(
         num_clips=2, frames_per_clip=4, size=(48, 64))[0]
-    sampler = TASKS[task].build_sampler(cfg, TRUNK, task in ("relative_position", "colorization"))
+    sampler = TASKS[task].build_sampler(cfg, TRUNK, TASKS[task].harmonize)
     stream = TaskStream(source=source, sampler=sampler, batch_size=n, seed=0, stream_id=0)
     batch = stream.batch(0)
     batch.pop("skipped")
@@ -43,6 +43,7 @@ def fixed_batch(task, n=8):
 def test_loss_is_finite_and_falls_on_a_fixed_batch(task):
     torch.manual_seed(0)
     cfg, batch = fixed_batch(task)
+    assert batch[TASKS[task].input_key].shape[-3] == 3  # images the benchmarks feed the trunk
     trunk = ResNetV2Trunk(units=(1, 1, 2), width=0.0625, output_stride=8)
     head = TASKS[task].build_head(cfg, TRUNK)
     mix = TapMix(num_taps=2)

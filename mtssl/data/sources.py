@@ -62,7 +62,7 @@ class TaskData:
         sampler = tdef.build_sampler(tcfg, self.trunk, getattr(self.cfg.harmonization, task))
         return TaskStream(source=self.source(tdef.source), sampler=sampler,
                           batch_size=batch_size or tcfg.batch_size, seed=self.cfg.seed,
-                          stream_id=list(TASKS).index(task) + stream_offset,
+                          stream_id=tdef.task_id + stream_offset,
                           start_batch=start_batch, stop_batch=stop_batch, shard=shard,
                           cache_items=self.cfg.data.image_cache,
                           holdout=(self.cfg.data.holdout_every, split))

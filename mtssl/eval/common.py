@@ -320,6 +320,7 @@ def run_suite(suite: str, loaded: LoadedTrunk, data: str | Path, settings, *, se
 
 def arch_from_config(source: str) -> TrunkConfig:
     """The trunk section of a built-in config name or YAML file (for --init random)."""
+    import mtssl.tasks  # noqa: F401  registers the tasks whose sections the config holds
     return load_config(source).trunk
 
 

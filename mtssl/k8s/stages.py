@@ -98,6 +98,7 @@ def run_config(*, launcher: str, config: str, overrides: list[str], profile: str
     if launcher == "k8s":
         from mtssl.k8s.profiles import run_spec
         return run_spec(profile, config=config, overrides=tuple(overrides)).config
+    import mtssl.tasks  # noqa: F401  registers the tasks whose sections the config holds
     from mtssl.config import load_config
     return load_config(config, overrides)
 

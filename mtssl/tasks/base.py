@@ -3,39 +3,25 @@
 A task file defines its config section, a sampler (picklable, runs in DataLoader workers:
 one source item + an RNG -> one training sample), a head (an nn.Module that reads trunk
 features through a callable and returns a loss and pretext metrics), and ends with one
-`TaskDef` that the trainer uses. The trainer knows tasks only through `TaskDef`.
+`TaskDef` (mtssl/task_registry.py): the rest of the system knows tasks only through it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from torch import Tensor, nn
 
-from mtssl.validation import require
+# Defined torch-free beside the registry (config reads them); task files import them from here.
+from mtssl.task_registry import TaskConfig, TaskDef
+
+__all__ = ["Features", "Sampler", "SkipSample", "TaskConfig", "TaskDef", "TaskHead",
+           "TaskOutput", "TrunkInfo", "feature_size"]
 
 Features = Callable[[Tensor], Tensor]  # (N, 3, H, W) input -> (N, C, h, w) mixed trunk taps
-
-
-@dataclass(frozen=True)
-class TaskConfig:
-    """Fields every task section has; task files subclass it with their own."""
-    enabled: bool = True
-    weight: float = 1.0  # multiplies the task's loss
-    lr: float = 1e-4  # base learning rate of the task's RMSProp (1e-3 measured destructive)
-    batch_size: int = 8  # per step, over all of the task's workers together
-    workers: int = 1  # distributed: processes (pods) computing this task's gradients
-
-    def __post_init__(self):
-        require(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
-        require(self.batch_size % self.workers == 0, "batch_size",
-                f"must split evenly over {self.workers} workers, got {self.batch_size}")
-        require(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
-        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -78,17 +64,6 @@ class TaskHead(nn.Module):
 
     def calibrate(self, batches: Iterable[dict[str, Tensor]]) -> None:
         """Estimate data statistics before training (e.g. the colour prior); default: none."""
-
-
-@dataclass(frozen=True)
-class TaskDef:
-    name: str
-    config_cls: type[TaskConfig]
-    source: Literal["images", "frames"]  # images: RGB arrays; frames: (frame, motion mask) pairs
-    build_sampler: Callable[..., Sampler]  # (cfg, trunk: TrunkInfo, harmonize: bool) -> Sampler
-    build_head: Callable[..., TaskHead]  # (cfg, trunk: TrunkInfo) -> TaskHead
-    # (cfg) -> batches drawn for TaskHead.calibrate before step 0
-    calibration_batches: Callable[..., int] = lambda cfg: 0
 
 
 def feature_size(pixels: int, stride: int) -> int:

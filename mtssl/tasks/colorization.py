@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from mtssl.colour import (SoftEncoder, ab_bins, annealed_mean, bin_histogram, la
 from mtssl.validation import require
 from mtssl.data.images import is_grayscale
 from mtssl.data.transforms import random_crop, resize, to_tensor
+from mtssl.figures import display, save_grid
 from mtssl.models.resnet_v2 import norm_layer, scaled
 from mtssl.tasks.base import (Features, SkipSample, TaskConfig, TaskDef, TaskHead, TaskOutput,
                               TrunkInfo, feature_size)
@@ -161,11 +163,31 @@ def build_head(cfg: ColorizationConfig, trunk: TrunkInfo) -> ColorizationHead:
                             output_stride=trunk.output_stride)
 
 
+def report(model, batch: dict[str, Tensor], out: Path, cfg) -> list[str]:
+    """Colorized held-out samples next to their inputs and originals."""
+    n = min(4, len(batch["image"]))
+    pred = model.heads["colorization"].colorize(
+        batch["image"][:n], lambda x: model.features("colorization", x))
+    light = (batch["image"][:n, :1] + 1.0) * 50.0
+    truth = lab_to_rgb(torch.cat([light, batch["ab"][:n]], dim=1))
+    rows = [[display(batch["image"][i]), pred[i].permute(1, 2, 0).numpy(),
+             truth[i].permute(1, 2, 0).numpy()] for i in range(n)]
+    save_grid(rows, ["input (L)", "colorized", "original"], out / "colorization.png")
+    return ["## Colorization", "", "![colorized samples](colorization.png)", ""]
+
+
 TASK = TaskDef(
     name="colorization",
+    task_id=1,
     config_cls=ColorizationConfig,
     source="images",
+    input_key="image",
     build_sampler=lambda cfg, trunk, harmonize: ColorizationSampler(cfg=cfg),
     build_head=build_head,
     calibration_batches=lambda cfg: cfg.prior_batches,
+    harmonize=True,
+    harmonize_required="colorization always sees L replicated x3 (its input is the grayscale "
+                       "image)",
+    enabled_when_absent=True,
+    report=report,
 )

@@ -141,10 +141,13 @@ class ExemplarHead(TaskHead):
 
 TASK = TaskDef(
     name="exemplar",
+    task_id=2,
     config_cls=ExemplarConfig,
     source="images",
+    input_key="views",
     build_sampler=lambda cfg, trunk, harmonize: ExemplarSampler(cfg=cfg, harmonize=harmonize),
     build_head=lambda cfg, trunk: ExemplarHead(in_ch=trunk.channels, width=trunk.width,
                                                margin=cfg.margin, negatives=cfg.negatives,
                                                norm=trunk.norm),
+    enabled_when_absent=True,
 )

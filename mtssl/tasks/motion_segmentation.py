@@ -9,6 +9,7 @@ against the fraction of moving pixels in each output region.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from mtssl.validation import require
 from mtssl.data.transforms import network_input, resize, to_tensor
+from mtssl.figures import display, save_grid
 from mtssl.models.resnet_v2 import norm_layer, scaled
 from mtssl.tasks.base import Features, SkipSample, TaskConfig, TaskDef, TaskHead, TaskOutput
 
@@ -84,11 +86,28 @@ class MotionSegmentationHead(TaskHead):
                                            align_corners=False))
 
 
+def report(model, batch: dict[str, Tensor], out: Path, cfg) -> list[str]:
+    """Predicted motion masks of held-out frames next to the true ones."""
+    n = min(4, len(batch["frame"]))
+    prob = model.heads["motion_segmentation"].predict(
+        batch["frame"][:n], lambda x: model.features("motion_segmentation", x))
+    rows = [[display(batch["frame"][i]), batch["mask"][i, 0].numpy(), prob[i, 0].numpy()]
+            for i in range(n)]
+    save_grid(rows, ["frame", "true mask", "predicted P(moves)"], out / "motion.png")
+    source = "synthetic clips (embedded default)" if cfg.data.frames == "embedded" else cfg.data.frames
+    return ["## Motion segmentation", "", f"Frames from {source}.", "",
+            "![predicted motion masks](motion.png)", ""]
+
+
 TASK = TaskDef(
     name="motion_segmentation",
+    task_id=3,
     config_cls=MotionSegmentationConfig,
     source="frames",
+    input_key="frame",
     build_sampler=lambda cfg, trunk, harmonize: MotionSampler(cfg=cfg, harmonize=harmonize),
     build_head=lambda cfg, trunk: MotionSegmentationHead(in_ch=trunk.channels, width=trunk.width,
                                                          head_width=cfg.head_width, norm=trunk.norm),
+    enabled_when_absent=True,
+    report=report,
 )

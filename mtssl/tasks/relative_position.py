@@ -169,8 +169,12 @@ def build_head(cfg: RelativePositionConfig, trunk: TrunkInfo) -> RelativePositio
 
 TASK = TaskDef(
     name="relative_position",
+    task_id=0,
     config_cls=RelativePositionConfig,
     source="images",
+    input_key="patches",
     build_sampler=lambda cfg, trunk, harmonize: RelativePositionSampler(cfg=cfg, harmonize=harmonize),
     build_head=build_head,
+    harmonize=True,
+    enabled_when_absent=True,
 )
