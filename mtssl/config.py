@@ -24,6 +24,15 @@ from mtssl.validation import ConfigError, require
 __all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "save_config"]
 
 
+# ResNet-v2 units per block for blocks 1-3 (block 4 is not part of pre-training).
+DEPTH_UNITS: dict[int, tuple[int, int, int]] = {
+    26: (2, 2, 2),
+    50: (3, 4, 6),
+    101: (3, 4, 23),
+    152: (3, 8, 36),
+}
+
+
 @dataclass(frozen=True)
 class TrunkConfig:
     depth: int = 101
@@ -33,7 +42,6 @@ class TrunkConfig:
     norm: Literal["batch", "group"] = "batch"
 
     def __post_init__(self):
-        from mtssl.models.resnet_v2 import DEPTH_UNITS
         require(self.units is not None or self.depth in DEPTH_UNITS, "depth",
                 f"must be one of {sorted(DEPTH_UNITS)} (or set units), got {self.depth}")
         require(self.units is None or all(u >= 1 for u in self.units), "units",

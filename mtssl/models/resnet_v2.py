@@ -12,13 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-# Units per block for blocks 1-3 (block 4 is not part of pre-training).
-DEPTH_UNITS: dict[int, tuple[int, int, int]] = {
-    26: (2, 2, 2),
-    50: (3, 4, 6),
-    101: (3, 4, 23),
-    152: (3, 8, 36),
-}
+from mtssl.config import DEPTH_UNITS  # owned by the config, which validates `trunk.depth`
+
 BLOCK_CHANNELS = (256, 512, 1024)  # output channels of blocks 1-3 at width 1
 BLOCK_STRIDES = (1, 2, 2)  # the root already brings the stride to 4
 
