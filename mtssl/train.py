@@ -24,6 +24,7 @@ from mtssl.health import UNHEALTHY, HealthCheck, run_progress
 from mtssl.metrics import Metrics
 from mtssl.models.multitask import MultiTaskNet
 from mtssl.optim import PerTaskRMSProp
+from mtssl.precision import autocast
 from mtssl.preflight import check_data, open_checked
 from mtssl.runlock import RunLock, claim_run
 from mtssl.runlog import Accumulator, append_log, progress, truncate_log
@@ -61,33 +62,62 @@ def to_device(batch: dict, device: torch.device) -> dict[str, Tensor]:
 
 
 def task_gradients(model: MultiTaskNet, task: str, batch: dict[str, Tensor], *, cfg: Config,
-                   params: dict[str, torch.nn.Parameter], names: list[str], step: int
-                   ) -> tuple[dict[str, Tensor], float, dict[str, float]]:
+                   params: dict[str, torch.nn.Parameter], names: list[str], step: int,
+                   check: bool = True) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
     """One task's weighted loss (+ lasso L1) and its gradients for the parameters it owns.
+
+    Returns (gradients, the task's unweighted loss, its metrics): the loss and metrics are
+    detached 0-dim tensors on the device, so nothing waits for the device here; read them
+    (float(), or runlog.Accumulator) when logging. The forward runs at `cfg.trunk.precision`.
+
+    `check`: stop on a non-finite loss or gradient, naming the task and step, at the cost of
+    one device sync. A caller checking all tasks of a step at once (one sync per step) passes
+    check=False and calls `check_finite(step, {task: (loss, grads), ...})` before updating.
 
     `model` may hold only some of the config's tasks (a distributed worker's): the seed uses the
     task's stable id (TaskDef.task_id), so every process draws the same numbers.
     """
     torch.manual_seed(task_seed(cfg.seed, step, TASKS[task].task_id))
-    out = model(task, batch)
-    loss = getattr(cfg.tasks, task).weight * out.loss
+    device = next(iter(batch.values())).device
+    with autocast(cfg.trunk.precision, device):
+        out = model(task, batch)
+    loss = getattr(cfg.tasks, task).weight * out.loss.float()
     penalty = model.mix[task].penalty()
     if penalty is not None and cfg.lasso.l1 > 0:
         loss = loss + cfg.lasso.l1 * penalty
-    if not torch.isfinite(loss):
-        raise TrainingError(f"non-finite loss ({loss.item()}) in task '{task}' at step {step}; "
-                            "stopping without saving, the last good checkpoint is kept")
     wanted = [n for n in names if params[n].requires_grad]
     grads = torch.autograd.grad(loss, [params[n] for n in wanted], allow_unused=True)
     present = {n: g for n, g in zip(wanted, grads) if g is not None}
-    # A finite loss can still have non-finite gradients; caught here, the task is named rightly
-    # instead of whichever task first sees the poisoned parameters on the next step. One check
-    # (one device sync) for all tensors; the name is looked up only on failure.
-    if present and not torch.stack([g.isfinite().all() for g in present.values()]).all():
-        bad = next(n for n, g in present.items() if not g.isfinite().all())
-        raise TrainingError(f"non-finite gradient for {bad} in task '{task}' at step {step}; "
-                            "stopping without saving, the last good checkpoint is kept")
-    return present, out.loss.item(), out.metrics
+    if check:
+        check_finite(step, {task: (loss, present)})
+    return present, out.loss.detach(), {k: v.detach() if isinstance(v, Tensor) else v
+                                        for k, v in out.metrics.items()}
+
+
+def check_finite(step: int, results: dict[str, tuple[Tensor, dict[str, Tensor]]]) -> None:
+    """Raise TrainingError naming the first task (in order) whose loss or gradient is not finite.
+
+    One device sync for all tasks and tensors: the losses and every gradient's L2 norm are
+    stacked and tested together (a NaN or inf anywhere makes its norm non-finite). Only when
+    that fails are the tensors looked at one by one, to name the task and parameter; a norm that
+    overflowed while every element is finite is no error. Caught at the step it happens, the
+    task is named rightly instead of whichever task first sees the poisoned parameters next.
+    """
+    values = []
+    for loss, grads in results.values():
+        values.append(loss.detach().float().reshape(1))
+        if grads:
+            values.append(torch.stack(torch._foreach_norm(list(grads.values()))).float())
+    if not values or bool(torch.isfinite(torch.cat(values)).all()):
+        return
+    for task, (loss, grads) in results.items():
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({loss.item()}) in task '{task}' at step {step}; "
+                                "stopping without saving, the last good checkpoint is kept")
+        bad = next((n for n, g in grads.items() if not g.isfinite().all()), None)
+        if bad is not None:
+            raise TrainingError(f"non-finite gradient for {bad} in task '{task}' at step {step}; "
+                                "stopping without saving, the last good checkpoint is kept")
 
 
 class TaskFeed:
@@ -107,9 +137,13 @@ class TaskFeed:
         self.names = model.owned_names()[task]
         self.batches, self.expected = None, None  # the open stream, and its next batch index
 
-    def compute(self, *, step: int, batch_index: int) -> tuple[dict[str, Tensor], dict]:
+    def compute(self, *, step: int, batch_index: int, check: bool = True
+                ) -> tuple[dict[str, Tensor], dict]:
         """Gradients of batch `batch_index` at `step`, and the round's report (device_s not yet
-        counted: the caller laps the clock once the gradients have left, see `finish`)."""
+        counted: the caller laps the clock once the gradients have left, see `finish`).
+
+        `check`: stop here on a non-finite loss or gradient (one device sync); the in-process
+        trainer passes False and checks all tasks of a step at once (`check_finite`)."""
         t0 = time.perf_counter()
         if batch_index != self.expected:  # first round, or the position moved (resume, async)
             stream = self.data.stream(self.task, start_batch=batch_index, shard=self.shard)
@@ -120,7 +154,8 @@ class TaskFeed:
         skipped = batch["skipped"]
         batch = to_device(batch, self.device)
         grads, loss, metrics = task_gradients(self.model, self.task, batch, cfg=self.cfg,
-                                              params=self.params, names=self.names, step=step)
+                                              params=self.params, names=self.names, step=step,
+                                              check=check)
         report = {"loss": loss, "metrics": metrics, "samples": len(next(iter(batch.values()))),
                   "skipped": skipped, "seconds": time.perf_counter() - t0}
         return grads, report
@@ -371,7 +406,7 @@ class TrainingRun:
 
     def record(self, task: str, reports: list[dict], seconds: float) -> None:
         """Fold one applied round's reports into the run state, totals, log window and metrics."""
-        n = sum(r["samples"] for r in reports)
+        n = sum(r["samples"] for r in reports)  # loss and metrics: floats or device tensors
         loss = sum(r["loss"] for r in reports) / len(reports)
         keys = reports[0]["metrics"].keys()
         means = {k: sum(r["metrics"][k] for r in reports) / len(reports) for k in keys}
@@ -381,9 +416,8 @@ class TrainingRun:
                 self.state.skipped[task].setdefault(item, reason)
         self.state.samples[task] += n
         self.state.positions[task] += 1
-        self.window.add(task, loss=loss, n=n, **means)
+        self.window.add(task, loss, n, means)
         self.metrics.step(task, seconds=seconds, samples=n)
-        self.metrics.loss(task, loss)
 
     def after_step(self, scale: float) -> None:
         """Log, checkpoint, count time and check the budget once the run's step has advanced
@@ -393,14 +427,18 @@ class TrainingRun:
         seconds = time.perf_counter() - self.t_window
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(self.window.postfix(seconds))
         if step % cfg.output.log_every == 0 or step == cfg.schedule.max_steps:
+            # The window's one read from the device; the loss metric and the bar follow it.
             record = {**self.window.record(step, scale, seconds),
                       "device_hours": self.state.device_total_s / 3600,
                       "updates": dict(self.window.counts), "health": self.health_record(),
                       **self.log_extras()}
             append_log(self.metrics_path, record)
-            if self.bar is None:
+            for task, means in record["tasks"].items():
+                self.metrics.loss(task, means["loss"])
+            if self.bar is not None:
+                self.bar.set_postfix_str(self.window.postfix(seconds))
+            else:
                 log.info("step %d: %s", step, self.window.postfix(seconds))
             self.window, self.t_window = Accumulator(), time.perf_counter()
             self.publish_alpha()
@@ -449,8 +487,11 @@ class Trainer(TrainingRun):
             def rounds(step: int) -> dict[str, Round]:
                 done = {}
                 for task, feed in feeds.items():
-                    grads, report = feed.compute(step=step, batch_index=self.state.positions[task])
+                    grads, report = feed.compute(step=step, batch_index=self.state.positions[task],
+                                                 check=False)
                     done[task] = Round(grads, [feed.finish(report)], seconds=report["seconds"])
+                # One device sync for the whole step, still naming the task and step.
+                check_finite(step, {t: (r.reports[0]["loss"], r.grads) for t, r in done.items()})
                 return done
 
             self.run_steps(rounds, last=min(self.cfg.schedule.max_steps,

@@ -96,6 +96,9 @@ class Worker:
             feed.finish(report)
             self.metrics.device_seconds(self.task, report["device_s"])
             self.metrics.step(self.task, seconds=report["seconds"], samples=report["samples"])
+            # The round syncs anyway: the device's loss and metrics are read here, once.
+            report.update(loss=float(report["loss"]),
+                          metrics={k: float(v) for k, v in report["metrics"].items()})
             with guarded(f"{self.name}: reporting to the coordinator"):
                 dist.gather_object(report, None, dst=0, group=group)
             self.rounds += 1
