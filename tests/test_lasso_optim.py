@@ -118,3 +118,66 @@ def test_momentum_and_state_round_trip():
     d1 = opt.deltas("a", {"w": torch.ones(3)})
     d2 = clone.deltas("a", {"w": torch.ones(3)})
     assert torch.equal(d1["w"], d2["w"])
+
+
+def reference_deltas(opt_state: dict, params: dict, grads: dict, *, lr: float, decay: float,
+                     eps: float, momentum: float, weight_decay: float) -> dict:
+    """The per-parameter rule, one `rmsprop_delta` call per tensor (the optimizer's reference)."""
+    out = {}
+    for name, grad in grads.items():
+        p = params[name]
+        st = opt_state.setdefault(name, {"square_avg": torch.zeros_like(p)})
+        if momentum and "momentum" not in st:
+            st["momentum"] = torch.zeros_like(p)
+        out[name], st["square_avg"], mom = rmsprop_delta(
+            grad, st["square_avg"], st.get("momentum"), lr=lr, decay=decay, eps=eps,
+            momentum=momentum, param=p.detach(), weight_decay=weight_decay if p.ndim > 1 else 0.0)
+        if mom is not None:
+            st["momentum"] = mom
+    return out
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 1e-2), (0.0, 1e-2)])
+def test_foreach_rmsprop_equals_the_per_parameter_reference(momentum, weight_decay):
+    """Synchronous `step` (deltas summed over tasks) and asynchronous `deltas` + `apply` (the
+    coordinator's path) both give exactly the numbers of one `rmsprop_delta` per parameter."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"conv": (4, 3, 3, 3), "bias": (4,), "fc": (5, 4), "head_a": (3, 2), "alpha": (4,)}
+    owners = {"a": ["conv", "bias", "fc", "head_a", "alpha"], "b": ["conv", "bias", "fc"]}
+    lr = {"a": 1e-2, "b": 3e-3}
+    kw = dict(decay=0.9, eps=1e-3, momentum=momentum, weight_decay=weight_decay)
+    init = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    params = {n: torch.nn.Parameter(v.clone()) for n, v in init.items()}
+    ref = {n: v.clone() for n, v in init.items()}
+    opt = PerTaskRMSProp(params=params, owners=owners, lr=lr, **kw)
+    ref_state = {t: {} for t in owners}
+    for step in range(4):
+        scale = 0.5 + 0.25 * step
+        # Some steps leave a parameter without a gradient (allow_unused): it is left out.
+        grads = {t: {n: torch.randn(shapes[n], generator=g) * 10 ** step for n in names
+                     if not (step == 1 and n == "fc")} for t, names in owners.items()}
+        if step < 2:  # synchronous round
+            opt.step(grads, lr_scale=scale)
+            total = {}
+            for t, gs in grads.items():
+                for n, d in reference_deltas(ref_state[t], ref, gs, lr=lr[t] * scale, **kw).items():
+                    total[n] = total[n] + d if n in total else d
+            for n, d in total.items():
+                ref[n] = ref[n] + d
+        else:  # asynchronous: each task's update applied as it arrives
+            for t, gs in grads.items():
+                deltas = opt.deltas(t, gs, lr_scale=scale)
+                want = reference_deltas(ref_state[t], ref, gs, lr=lr[t] * scale, **kw)
+                assert deltas.keys() == want.keys()
+                for n in want:
+                    assert torch.equal(deltas[n], want[n]), (step, t, n)
+                opt.apply(deltas)
+                for n, d in want.items():
+                    ref[n] = ref[n] + d
+        for n in shapes:
+            assert torch.equal(params[n].detach(), ref[n]), (step, n)
+    for t in owners:
+        for n, st in ref_state[t].items():
+            for k, v in st.items():
+                assert torch.equal(opt.state[t][n][k], v), (t, n, k)
+    assert opt.steps == {"a": 4, "b": 4}
