@@ -197,18 +197,21 @@ class SoftEncoder(torch.nn.Module):
         self.register_buffer("lut_idx", torch.cat(idx_rows, dim=1).reshape(k, -1))  # (k, n_a*n_b)
         self.register_buffer("lut_weight", torch.cat(w_rows, dim=1).reshape(k, -1))
 
-    def _cells(self, ab: Tensor) -> Tensor:
-        """Flat table cell of each pixel, (..., H, W); out-of-range ab is clamped to the edge."""
+    def _cells(self, ab: Tensor, *, check_finite: bool = True) -> Tensor:
+        """Flat table cell of each pixel, (..., H, W); out-of-range ab is clamped to the edge.
+
+        `check_finite=False` skips the NaN/inf check, a host-device sync: for callers whose ab
+        is finite by construction (the training step's targets, from uint8 images)."""
         _check_ab(ab)
-        if not torch.isfinite(ab).all():
+        if check_finite and not torch.isfinite(ab).all():
             raise ValueError("ab contains NaN or inf")
         ia = torch.floor((ab[..., 0, :, :] - self.lo_a) / self.step).long().clamp_(0, self.n_a - 1)
         ib = torch.floor((ab[..., 1, :, :] - self.lo_b) / self.step).long().clamp_(0, self.n_b - 1)
         return (ia * self.n_b + ib).to(self.lut_idx.device)
 
-    def encode(self, ab: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, ab: Tensor, *, check_finite: bool = True) -> tuple[Tensor, Tensor]:
         """ab (..., 2, H, W) -> idx, weight (..., k, H, W), as soft_encode_exact."""
-        cells = self._cells(ab)
+        cells = self._cells(ab, check_finite=check_finite)
         idx = self.lut_idx[:, cells].movedim(0, -3)  # (..., k, H, W)
         weight = self.lut_weight[:, cells].movedim(0, -3)
         return idx.to(ab.device), weight.to(ab.device, ab.dtype)

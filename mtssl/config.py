@@ -29,9 +29,13 @@ class TrunkConfig:
     width: float = 1.0
     output_stride: Literal[8, 16] = 8
     norm: Literal["batch", "group"] = "batch"
+    # bf16: autocast of the trunk's and heads' forward (losses, colour targets in fp32); fp32: none
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self):
         from mtssl.models.resnet_v2 import DEPTH_UNITS
+        require(self.precision in ("fp32", "bf16"), "precision",
+                f"must be 'fp32' or 'bf16', got {self.precision!r}")
         require(self.units is not None or self.depth in DEPTH_UNITS, "depth",
                 f"must be one of {sorted(DEPTH_UNITS)} (or set units), got {self.depth}")
         require(self.units is None or all(u >= 1 for u in self.units), "units",

@@ -119,10 +119,11 @@ class HealthCheck:
                     return maps
 
                 result = head(batch, features)
+                metrics = {k: float(v) for k, v in result.metrics.items()}  # device tensors
                 metric = next(iter(result.chance))  # the head's primary pretext metric
-                value, chance = result.metrics[metric], result.chance[metric]
+                value, chance = metrics[metric], float(result.chance[metric])
                 rank = effective_rank(torch.cat(pooled))
-                collapse = head.collapse(result.metrics)
+                collapse = head.collapse(metrics)
                 if collapse:
                     status, detail = "collapsed", collapse
                 elif rank < h.min_effective_rank:

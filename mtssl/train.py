@@ -23,6 +23,7 @@ from mtssl.health import UNHEALTHY, HealthCheck, run_progress
 from mtssl.metrics import Metrics
 from mtssl.models.multitask import MultiTaskNet
 from mtssl.optim import PerTaskRMSProp
+from mtssl.precision import autocast
 from mtssl.preflight import check_data, open_checked
 from mtssl.runlock import RunLock, claim_run
 from mtssl.schedules import lr_scale
@@ -59,33 +60,62 @@ def to_device(batch: dict, device: torch.device) -> dict[str, Tensor]:
 
 
 def task_gradients(model: MultiTaskNet, task: str, batch: dict[str, Tensor], *, cfg: Config,
-                   params: dict[str, torch.nn.Parameter], names: list[str], step: int
-                   ) -> tuple[dict[str, Tensor], float, dict[str, float]]:
+                   params: dict[str, torch.nn.Parameter], names: list[str], step: int,
+                   check: bool = True) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
     """One task's weighted loss (+ lasso L1) and its gradients for the parameters it owns.
+
+    Returns (gradients, the task's unweighted loss, its metrics): the loss and metrics are
+    detached 0-dim tensors on the device, so nothing waits for the device here; read them
+    (float(), or a DeviceAccumulator) when logging. The forward runs at `cfg.trunk.precision`.
+
+    `check`: stop on a non-finite loss or gradient, naming the task and step, at the cost of
+    one device sync. A caller checking all tasks of a step at once (one sync per step) passes
+    check=False and calls `check_finite(step, {task: (loss, grads), ...})` before updating.
 
     `model` may hold only some of the config's tasks (a distributed worker's): the seed uses the
     task's place among the config's enabled tasks, so every process draws the same numbers.
     """
     torch.manual_seed(task_seed(cfg.seed, step, cfg.enabled_tasks().index(task)))
-    out = model(task, batch)
-    loss = getattr(cfg.tasks, task).weight * out.loss
+    device = next(iter(batch.values())).device
+    with autocast(cfg.trunk.precision, device):
+        out = model(task, batch)
+    loss = getattr(cfg.tasks, task).weight * out.loss.float()
     penalty = model.mix[task].penalty()
     if penalty is not None and cfg.lasso.l1 > 0:
         loss = loss + cfg.lasso.l1 * penalty
-    if not torch.isfinite(loss):
-        raise TrainingError(f"non-finite loss ({loss.item()}) in task '{task}' at step {step}; "
-                            "stopping without saving, the last good checkpoint is kept")
     wanted = [n for n in names if params[n].requires_grad]
     grads = torch.autograd.grad(loss, [params[n] for n in wanted], allow_unused=True)
     present = {n: g for n, g in zip(wanted, grads) if g is not None}
-    # A finite loss can still have non-finite gradients; caught here, the task is named rightly
-    # instead of whichever task first sees the poisoned parameters on the next step. One check
-    # (one device sync) for all tensors; the name is looked up only on failure.
-    if present and not torch.stack([g.isfinite().all() for g in present.values()]).all():
-        bad = next(n for n, g in present.items() if not g.isfinite().all())
-        raise TrainingError(f"non-finite gradient for {bad} in task '{task}' at step {step}; "
-                            "stopping without saving, the last good checkpoint is kept")
-    return present, out.loss.item(), out.metrics
+    if check:
+        check_finite(step, {task: (loss, present)})
+    return present, out.loss.detach(), {k: v.detach() if isinstance(v, Tensor) else v
+                                        for k, v in out.metrics.items()}
+
+
+def check_finite(step: int, results: dict[str, tuple[Tensor, dict[str, Tensor]]]) -> None:
+    """Raise TrainingError naming the first task (in order) whose loss or gradient is not finite.
+
+    One device sync for all tasks and tensors: the losses and every gradient's L2 norm are
+    stacked and tested together (a NaN or inf anywhere makes its norm non-finite). Only when
+    that fails are the tensors looked at one by one, to name the task and parameter; a norm that
+    overflowed while every element is finite is no error. Caught at the step it happens, the
+    task is named rightly instead of whichever task first sees the poisoned parameters next.
+    """
+    values = []
+    for loss, grads in results.values():
+        values.append(loss.detach().float().reshape(1))
+        if grads:
+            values.append(torch.stack(torch._foreach_norm(list(grads.values()))).float())
+    if not values or bool(torch.isfinite(torch.cat(values)).all()):
+        return
+    for task, (loss, grads) in results.items():
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({loss.item()}) in task '{task}' at step {step}; "
+                                "stopping without saving, the last good checkpoint is kept")
+        bad = next((n for n, g in grads.items() if not g.isfinite().all()), None)
+        if bad is not None:
+            raise TrainingError(f"non-finite gradient for {bad} in task '{task}' at step {step}; "
+                                "stopping without saving, the last good checkpoint is kept")
 
 
 @dataclass
@@ -300,10 +330,10 @@ class Trainer(TrainingRun):
                 n = len(next(iter(batch.values())))
                 self.state.samples[task] += n
                 self.state.positions[task] += 1
-                window.add(task, loss=loss, n=n, **metrics)
+                window.add(task, loss=float(loss), n=n, **{k: float(v) for k, v in metrics.items()})
                 self.account(task, clock.lap())
                 self.metrics.step(task, seconds=time.perf_counter() - t_task, samples=n)
-                self.metrics.loss(task, loss)
+                self.metrics.loss(task, float(loss))
             self.opt.step(grads, lr_scale=scale)
             self.state.step += 1
             self.state.wall_s = wall_at_start + time.perf_counter() - t0

@@ -112,7 +112,9 @@ class Worker:
             # Counted before the report leaves, so the coordinator's totals never exceed ours.
             self.metrics.device_seconds(self.task, spent)
             self.metrics.step(self.task, seconds=seconds, samples=samples)
-            report = {"loss": loss, "metrics": metrics, "samples": samples, "device_s": spent,
+            # The round syncs anyway: the device's loss and metrics read here, once.
+            report = {"loss": float(loss), "metrics": {k: float(v) for k, v in metrics.items()},
+                      "samples": samples, "device_s": spent,
                       "skipped": skipped, "seconds": seconds}
             with guarded(f"{self.name}: reporting to the coordinator"):
                 dist.gather_object(report, None, dst=0, group=group)

@@ -43,8 +43,14 @@ class TapMix(nn.Module):
         maps = list(taps.values())  # each (B, C, H, W), same shape
         if self.alpha is None:
             return maps[-1]
-        stacked = torch.stack(maps, dim=0)  # (U, B, C, H, W)
-        return torch.tensordot(self.coefficients().to(stacked.dtype), stacked, dims=1)  # (B, C, H, W)
+        # One dtype for the taps and the coefficients: under autocast (trunk.precision: bf16)
+        # taps can differ (a unit's output is bf16 or fp32 depending on its last op), and
+        # tensordot, which autocast does not cast, refuses mixed inputs.
+        dtype = maps[-1].dtype
+        for m in maps:
+            dtype = torch.promote_types(dtype, m.dtype)
+        stacked = torch.stack([m.to(dtype) for m in maps], dim=0)  # (U, B, C, H, W)
+        return torch.tensordot(self.coefficients().to(dtype), stacked, dims=1)  # (B, C, H, W)
 
     def coefficients(self) -> Tensor | None:
         return None if self.alpha is None else unit_coefficients(self.alpha)

@@ -50,10 +50,13 @@ class TrunkInfo:
 @dataclass
 class TaskOutput:
     loss: Tensor  # scalar, already averaged over the batch
-    metrics: dict[str, float]  # the pretext metric(s), e.g. {"acc": 0.62}
+    # The pretext metric(s), e.g. {"acc": 0.62}: 0-dim tensors on the loss's device, so the
+    # training step never waits for the device; readers convert (float()) when they log.
+    metrics: dict[str, Tensor]
     # The head's primary pretext metric as a trivial predictor reaches it on this same batch
-    # (uniform guess, most frequent class, all pixels moving, ...): {"acc": 0.125}.
-    chance: dict[str, float] = field(default_factory=dict)
+    # (uniform guess, most frequent class, all pixels moving, ...): {"acc": 0.125}; a float or
+    # a 0-dim tensor.
+    chance: dict[str, float | Tensor] = field(default_factory=dict)
 
 
 class SkipSample(Exception):
@@ -71,7 +74,7 @@ class TaskHead(nn.Module):
     def forward(self, batch: dict[str, Tensor], features: Features) -> TaskOutput:
         raise NotImplementedError
 
-    def collapse(self, metrics: dict[str, float]) -> str | None:
+    def collapse(self, metrics: dict[str, float]) -> str | None:  # metrics read as floats
         """Why this head's output has collapsed (in words), judged from its metrics; None if
         it has not. Default: the head has no collapse mode of its own."""
         return None

@@ -86,15 +86,19 @@ class ExemplarSampler:
         return network_input((patch * gain + offset).clamp(0, 1), self.harmonize)
 
 
-def spread(emb: Tensor) -> float:
+def spread(emb: Tensor) -> Tensor:
     """Mean squared distance between different rows of (B, D) unit vectors: 2 for random
-    directions in many dimensions, 0 when every image is embedded at one point."""
+    directions in many dimensions, 0 when every image is embedded at one point. A 0-dim
+    tensor on emb's device (read at log time)."""
     b = emb.shape[0]
-    return (torch.cdist(emb, emb).pow(2).sum() / (b * (b - 1))).item()
+    emb = emb.detach()
+    return torch.cdist(emb, emb).pow(2).sum() / (b * (b - 1))
 
 
-def triplet_loss(anchor: Tensor, positive: Tensor, *, margin: float, negatives: str) -> tuple[Tensor, float]:
-    """(B, D) L2-normalised embeddings -> (loss, retrieval accuracy). Negatives: other rows."""
+def triplet_loss(anchor: Tensor, positive: Tensor, *, margin: float, negatives: str
+                 ) -> tuple[Tensor, Tensor]:
+    """(B, D) L2-normalised embeddings -> (loss, retrieval accuracy, a 0-dim tensor).
+    Negatives: other rows."""
     b = anchor.shape[0]
     d_ap = torch.cdist(anchor, positive).pow(2)  # (B, B): anchor i vs every positive j
     d_aa = torch.cdist(anchor, anchor).pow(2)
@@ -111,7 +115,7 @@ def triplet_loss(anchor: Tensor, positive: Tensor, *, margin: float, negatives: 
         other = (torch.arange(b, device=anchor.device) + torch.randint(1, b, (b,), device=anchor.device)) % b
         d_neg = d_ap[torch.arange(b, device=anchor.device), other]
     loss = F.relu(d_pos - d_neg + margin).mean()
-    acc = (d_ap.argmin(1) == torch.arange(b, device=anchor.device)).float().mean().item()
+    acc = (d_ap.argmin(1) == torch.arange(b, device=anchor.device)).float().mean()
     return loss, acc
 
 
@@ -123,7 +127,8 @@ class ExemplarHead(TaskHead):
         self.margin, self.negatives = margin, negatives
 
     def embed(self, views: Tensor, features: Features) -> Tensor:
-        return F.normalize(self.tower(features(views)).flatten(1), dim=1)  # (N, D)
+        # fp32 from here (autocast): the normalisation and the triplet distances
+        return F.normalize(self.tower(features(views)).flatten(1).float(), dim=1)  # (N, D)
 
     def forward(self, batch: dict[str, Tensor], features: Features) -> TaskOutput:
         views = batch["views"]  # (B, 2, 3, P, P)

@@ -65,16 +65,17 @@ class MotionSegmentationHead(TaskHead):
         return self.body(features(frame))  # (B, 1, h, w)
 
     def forward(self, batch: dict[str, Tensor], features: Features) -> TaskOutput:
-        logits = self.logits(batch["frame"], features)
-        target = F.adaptive_avg_pool2d(batch["mask"], logits.shape[-2:])  # (B, 1, h, w) in [0, 1]
+        logits = self.logits(batch["frame"], features).float()  # the loss in fp32 (autocast)
+        target = F.adaptive_avg_pool2d(batch["mask"].float(), logits.shape[-2:])  # (B, 1, h, w) in [0, 1]
         loss = F.binary_cross_entropy_with_logits(logits, target)
-        pred, true = logits > 0, target > 0.5
-        union = (pred | true).sum().item()
-        iou = (pred & true).sum().item() / union if union else 1.0
+        # Metrics as 0-dim tensors on the device, read at log time (no host sync in the step).
+        pred, true = logits.detach() > 0, target > 0.5
+        union = (pred | true).sum()
+        iou = torch.where(union > 0, (pred & true).sum() / union.clamp_min(1), 1.0)
         # Chance: the better of two constant answers, "everything moves" and "nothing moves".
-        moving = true.float().mean().item()
+        moving = true.float().mean()
         return TaskOutput(loss=loss, metrics={"iou": iou},
-                          chance={"iou": moving if moving > 0 else 1.0})
+                          chance={"iou": torch.where(moving > 0, moving, 1.0)})
 
     @torch.no_grad()
     def predict(self, frame: Tensor, features: Features) -> Tensor:

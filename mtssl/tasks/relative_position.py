@@ -154,10 +154,10 @@ class RelativePositionHead(TaskHead):
         return self.classify(self.units(self.join(pair)))  # (B*K, 8)
 
     def forward(self, batch: dict[str, Tensor], features: Features) -> TaskOutput:
-        logits = self.logits(batch["patches"], features)
+        logits = self.logits(batch["patches"], features).float()  # the loss in fp32 (autocast)
         label = batch["label"].flatten()  # (B*K,)
         loss = F.cross_entropy(logits, label)
-        acc = (logits.argmax(1) == label).float().mean().item()
+        acc = (logits.argmax(1) == label).float().mean()  # on the device: read at log time
         return TaskOutput(loss=loss, metrics={"acc": acc}, chance={"acc": 1 / len(NEIGHBOURS)})
 
 
