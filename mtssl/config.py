@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from mtssl.env import DEVICES, valid_device
 from mtssl.validation import ConfigError, require
 
 __all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "save_config"]
@@ -234,8 +235,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self):
-        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-                "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        require(valid_device(self.device), "device", f"must be {DEVICES}, got {self.device!r}")
 
     def enabled_tasks(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.tasks) if getattr(self.tasks, f.name).enabled]

@@ -18,7 +18,7 @@ from mtssl.checkpoint import CheckpointStore
 from mtssl.config import Config, ConfigError, from_dict, save_config, to_dict
 from mtssl.data.sources import TaskData
 from mtssl.data.stream import loader
-from mtssl.distributed.env import metrics_port, run_name
+from mtssl.env import metrics_port, run_name
 from mtssl.health import UNHEALTHY, HealthCheck, run_progress
 from mtssl.metrics import Metrics
 from mtssl.models.multitask import MultiTaskNet

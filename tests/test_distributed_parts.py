@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from mtssl.distributed import env as envvars
-from mtssl.distributed.env import EnvError, role_env
+from mtssl import env as envvars
+from mtssl.env import EnvError, role_env
 from mtssl.distributed.launch import roles
 from mtssl.distributed.protocol import CONTINUE, Layout, message_bytes, task_ranks, world_size
 from mtssl.distributed.staleness import StalenessGate

@@ -444,7 +444,7 @@ def test_pods_run_the_local_launchers_commands_and_variables(rendered):
     """`mtssl launch --local` on the overlay's config: same arguments, same MTSSL_* values,
     except the worker index (the controller's index field), the coordinator's address and the
     metrics port (one named port per pod instead of one per local process)."""
-    from mtssl.distributed import env as envvars
+    from mtssl import env as envvars
     from mtssl.distributed.launch import roles
     spec, objects = rendered
     cfg = load_config(ROOT / "manifests" / "overlays" / spec_profile(spec) / builders.CONFIG_FILE)

@@ -38,7 +38,7 @@ import torch
 
 from mtssl.accounting import SHARED, DeviceClock
 from mtssl.config import Config
-from mtssl.distributed.env import RoleEnv
+from mtssl.env import RoleEnv
 from mtssl.distributed.protocol import ABORT, CONTINUE, STOP, Layout
 from mtssl.distributed.staleness import StalenessGate
 from mtssl.distributed.transport import PeerLost, connect, disconnect, guarded

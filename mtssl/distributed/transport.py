@@ -10,7 +10,7 @@ import contextlib
 from datetime import timedelta
 
 from mtssl.config import Config
-from mtssl.distributed.env import RoleEnv
+from mtssl.env import RoleEnv
 from mtssl.distributed.protocol import task_ranks, world_size
 from mtssl.train import TrainingError
 

@@ -19,7 +19,7 @@ from mtssl.accounting import DeviceClock, device_type
 from mtssl.config import Config
 from mtssl.data.sources import TaskData
 from mtssl.data.stream import loader
-from mtssl.distributed.env import RoleEnv
+from mtssl.env import RoleEnv
 from mtssl.distributed.protocol import CONTINUE, STOP, Layout, role_name, worker_rank
 from mtssl.distributed.transport import connect, disconnect, guarded
 from mtssl.metrics import Metrics
