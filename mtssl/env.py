@@ -18,6 +18,7 @@ Pods get these from their spec; `mtssl launch --local` sets them for the process
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -107,12 +108,12 @@ def s3_variables(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 def role_env(cfg: Config, *, task: str | None = None, index: int | None = None,
              worker: bool = False, environ: Mapping[str, str] = os.environ) -> RoleEnv:
     """The coordinator's (worker=False) or a worker's view; CLI flags win over variables."""
-    common = dict(addr=environ.get(ADDR, "").strip() or DEFAULT_ADDR,
-                  port=_int(environ, PORT, cfg.distributed.port, 1, 65535),
-                  run=run_name(cfg, environ), metrics_port=metrics_port(cfg, environ),
-                  device=device(cfg, environ))
+    common = RoleEnv(addr=environ.get(ADDR, "").strip() or DEFAULT_ADDR,
+                     port=_int(environ, PORT, cfg.distributed.port, 1, 65535),
+                     run=run_name(cfg, environ), metrics_port=metrics_port(cfg, environ),
+                     device=device(cfg, environ))
     if not worker:
-        return RoleEnv(**common)
+        return common
     task = task or environ.get(TASK, "").strip()
     enabled = cfg.enabled_tasks()
     if not task:
@@ -127,7 +128,7 @@ def role_env(cfg: Config, *, task: str | None = None, index: int | None = None,
         index = _int(environ, INDEX, 0, 0, workers - 1)
     elif not 0 <= index < workers:
         raise EnvError(INDEX, f"index {index} out of range: task {task!r} has {workers} workers")
-    return RoleEnv(**common, task=task, index=index)
+    return dataclasses.replace(common, task=task, index=index)
 
 
 def child_environment(*, addr: str, port: int, run: str, metrics: int,

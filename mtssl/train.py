@@ -18,6 +18,7 @@ from mtssl.checkpoint import CheckpointStore
 from mtssl.config import Config, ConfigError, from_dict, save_config, to_dict
 from mtssl.data.sources import TaskData
 from mtssl.data.stream import loader
+from mtssl.distributed.protocol import MODEL_SECTIONS
 from mtssl.env import metrics_port, run_name
 from mtssl.health import UNHEALTHY, HealthCheck, run_progress
 from mtssl.metrics import Metrics
@@ -32,7 +33,7 @@ log = logging.getLogger("mtssl.train")
 
 # Sections that define the model and its optimisation: a resumed run must not change them,
 # except how many distributed workers share each task's batches.
-FROZEN_ON_RESUME = ("seed", "trunk", "tasks", "lasso", "harmonization", "optimizer")
+FROZEN_ON_RESUME = (*MODEL_SECTIONS, "optimizer")
 # Of those, what `--allow-changed` may name: hyper-parameters that change no shape or data, for
 # continuing a run (e.g. one that diverged) with new values.
 CHANGEABLE_ON_RESUME = ("optimizer.*", "lasso.l1", "tasks.*.lr", "tasks.*.weight")

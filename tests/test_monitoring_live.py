@@ -76,7 +76,6 @@ def scraped_run(tmp_path_factory):
     """(Prometheus URL, run directory, storage) after the run finished and was scraped."""
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus not installed (Debian package 'prometheus'; .ci/install-services)")
-    pytest.importorskip("mtssl.distributed.launch", reason="distributed runtime (issue 4) absent")
     from conftest import TINY
     tmp = tmp_path_factory.mktemp("live")
     metrics_base = free_ports(5)  # coordinator + one worker per task

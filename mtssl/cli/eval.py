@@ -150,7 +150,7 @@ def cmd_transfer(args) -> int:
     from mtssl.eval.common import EvalError
     from mtssl.eval.report import write_report
     from mtssl.train import resolve_device
-    suites = dict(parse_pairs(args.suites, "--suite"))
+    suites: dict[str, str | Path] = dict(parse_pairs(args.suites, "--suite"))
     overrides: dict[str, list[str]] = {}
     for key, value in parse_pairs(args.overrides, "--set"):
         suite, dot, rest = key.partition(".")
