@@ -2,7 +2,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 import synthetic
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from mtssl import env as envvars
-from mtssl.env import EnvError, role_env
 from mtssl.distributed.launch import roles
 from mtssl.distributed.protocol import CONTINUE, Layout, message_bytes, task_ranks, world_size
 from mtssl.distributed.staleness import StalenessGate
 from mtssl.distributed.worker import single_task_net
+from mtssl.env import EnvError, role_env
 from mtssl.models.multitask import MultiTaskNet
 
 POOLS = ("tasks.relative_position.workers=2", "tasks.colorization.workers=1",

@@ -1,13 +1,14 @@
-"""`mtssl report transfer`: milestones of runs with and without lasso, random-init floor, skipping what
-is done, CSV/JSON, plots, alpha heatmap, the lasso table, HTML."""
+"""`mtssl report transfer`: milestones of runs with and without lasso, random-init floor,
+skipping what is done, CSV/JSON, plots, alpha heatmap, the lasso table, HTML."""
 
 import csv
 import json
 
-from mtssl.cli import main
-from mtssl.eval.nyu import write_synthetic_nyu
-from mtssl.eval.report import write_report
+from synthetic import write_synthetic_nyu
 from test_eval_checkpoints import save_milestones, train_tiny
+
+from mtssl.cli import main
+from mtssl.eval.report import write_report
 
 SETS = ["--set", "imagenet.max_per_class=2", "--set", "imagenet.epochs=10",
         "--set", "nyu.iterations=2", "--set", "nyu.input_size=[24,32]"]

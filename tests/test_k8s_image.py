@@ -12,11 +12,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, builders
 

@@ -17,8 +17,7 @@ import pytest
 import yaml
 
 from mtssl.config import load_config, to_dict
-from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, PYTORCHJOB, TRAINJOB, base, builders, pytorchjob, \
-    trainjob
+from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, PYTORCHJOB, TRAINJOB, base, builders, pytorchjob, trainjob
 from mtssl.k8s.profiles import PROFILES, run_spec
 
 ROOT = Path(__file__).resolve().parents[1]

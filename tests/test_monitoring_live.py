@@ -139,8 +139,8 @@ def test_prometheus_gpu_hours_per_task_match_the_coordinators_totals(scraped_run
 
 
 def test_every_metric_the_dashboard_and_rules_read_was_scraped(scraped_run):
-    from test_monitoring_rules import EXTERNAL_METRICS, RULES as RULE_FILE, dashboard, \
-        metric_names, queries
+    from test_monitoring_rules import EXTERNAL_METRICS, dashboard, metric_names, queries
+    from test_monitoring_rules import RULES as RULE_FILE
     url, _ = scraped_run
     with urllib.request.urlopen(f"{url}/api/v1/label/__name__/values", timeout=10) as r:
         scraped = set(json.loads(r.read())["data"])

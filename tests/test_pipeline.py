@@ -60,8 +60,8 @@ def test_ir_check_notices_a_change(tmp_path):
 
 def test_ui_parameters(ir):
     params = ir["pipeline"]["root"]["inputDefinitions"]["parameters"]
-    for name in ("config", "data", "prep_partitions", "budget_gpu_hours", "tasks", "eval_sets", "imagenet_data",
-                 "pascal_data", "nyu_data", "overrides", "storage", "launcher", "run",
+    for name in ("config", "data", "prep_partitions", "budget_gpu_hours", "tasks", "eval_sets",
+                 "imagenet_data", "pascal_data", "nyu_data", "overrides", "storage", "launcher", "run",
                  "namespace", "data_pvc", "cpu_image", "gpu_image"):
         assert name in params, name
     assert params["run"]["defaultValue"] == ""  # named after the pipeline run's ID
@@ -145,8 +145,9 @@ def test_dag_order_inside_an_exit_handler_that_cleans_up(ir):
 
 def test_prep_stages_plan_prepare_and_merge_partitions(photo_pool, tmp_path):
     """The fanned-out prep as the pipeline runs it: N partition preps, one merge, then reuse."""
-    from mtssl.prep import stages as prep_stages
     from test_prep import link_photos
+
+    from mtssl.prep import stages as prep_stages
     src, out = tmp_path / "in", str(tmp_path / "prepared")
     link_photos(photo_pool, src, 7)
     assert prep_stages.plan_partitions(data="embedded", prepared="", partitions=3) == ["none"]

@@ -93,8 +93,14 @@ def cache_dir(args) -> Path | None:
 
 
 def cmd_eval(args) -> int:
-    from mtssl.eval.common import (EvalError, arch_from_config, load_trunk, random_trunk,
-                                   run_suite, suite_settings)
+    from mtssl.eval.common import (
+        EvalError,
+        arch_from_config,
+        load_trunk,
+        random_trunk,
+        run_suite,
+        suite_settings,
+    )
     from mtssl.train import resolve_device
     settings = suite_settings(args.suite, args.settings, args.overrides)
     try:

@@ -84,7 +84,7 @@ def kube_api_client(context: str | None):
 
 
 def run_k8s(args: argparse.Namespace) -> int:
-    from mtssl.k8s.launcher import LaunchError, Launcher
+    from mtssl.k8s.launcher import Launcher, LaunchError
     from mtssl.k8s.profiles import run_spec
     from mtssl.validation import ConfigError
     if getattr(args, "out", None):

@@ -40,8 +40,8 @@ def cmd_launch(args) -> int:
     import socket
 
     from mtssl.config import ConfigError
-    from mtssl.env import role_env
     from mtssl.distributed.launch import LocalLauncher, check_leftovers, roles
+    from mtssl.env import role_env
     from mtssl.preflight import open_checked
     from mtssl.runlock import claim_run
     if args.k8s == args.local:

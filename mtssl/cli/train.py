@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from mtssl.cli.common import (add_config_args, add_out_arg, add_resume_args, add_set_arg,
-                              add_start_args, load, report_pretrain, start_options)
+from mtssl.cli.common import (
+    add_config_args,
+    add_out_arg,
+    add_resume_args,
+    add_set_arg,
+    add_start_args,
+    load,
+    report_pretrain,
+    start_options,
+)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -23,8 +23,7 @@ import torch
 import yaml
 
 from mtssl.checkpoint import CheckpointError, CheckpointStore
-from mtssl.config import (ConfigError, TrunkConfig, apply_override, build, from_dict, load_config,
-                          to_dict)
+from mtssl.config import ConfigError, TrunkConfig, apply_override, build, from_dict, load_config, to_dict
 from mtssl.data.transforms import network_input
 from mtssl.eval import SUITES
 from mtssl.models.lasso import unit_coefficients

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from mtssl.config import Config, to_dict
 from mtssl import env as envvars
+from mtssl.config import Config, to_dict
 from mtssl.distributed.launch import Role, roles
 from mtssl.k8s import APIS, CPU_IMAGE, GPU_IMAGE, S3_SECRET, TRAINJOB
 from mtssl.validation import ConfigError
