@@ -19,9 +19,9 @@ from mtssl.accounting import DeviceClock, device_type
 from mtssl.config import Config
 from mtssl.data.sources import TaskData
 from mtssl.data.stream import loader
-from mtssl.env import RoleEnv
 from mtssl.distributed.protocol import CONTINUE, STOP, Layout, role_name, worker_rank
 from mtssl.distributed.transport import connect, disconnect, guarded
+from mtssl.env import RoleEnv
 from mtssl.metrics import Metrics
 from mtssl.models.multitask import MultiTaskNet, build_trunk, trunk_info
 from mtssl.preflight import check_data
