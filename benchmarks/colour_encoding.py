@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--chunk", type=int, default=2, help="images per brute-force call (bounds its memory)")
+    parser.add_argument("--chunk", type=int, default=2,
+                        help="images per brute-force call (bounds its memory)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,7 +76,8 @@ def main() -> None:
     pixels = ab[:, 0].numel()
 
     print(f"device {device}, torch threads {torch.get_num_threads()}, batch {n} x 256x256 photo crops")
-    print(f"bins: Q = {len(bins)} (ab_bins {bins_s:.2f} s uncached); lookup table {encoder.n_a}x{encoder.n_b} "
+    print(f"bins: Q = {len(bins)} (ab_bins {bins_s:.2f} s uncached); "
+          f"lookup table {encoder.n_a}x{encoder.n_b} "
           f"cells, step {encoder.step}, built in {table_s:.2f} s")
     print(f"LUT encode:   {1000 * lut_s / n:8.2f} ms/image (median of {args.repeats} batch calls)")
     print(f"exact encode: {1000 * exact_s / n:8.2f} ms/image ({args.chunk} images per call)")

@@ -38,6 +38,7 @@ from mtssl.runlog import Accumulator
 from mtssl.tasks import TASKS
 from mtssl.train import check_finite, resolve_device, task_gradients, to_device
 
+
 def images(x: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) -> (N, 3, H, W): pairs, views and patch grids go through as one batch."""
     return x.reshape(-1, *x.shape[-3:])

@@ -31,7 +31,6 @@ CHILD = r"""
 import ctypes, gc, json, resource, sys, time
 from mtssl.prep.dataset import prepare
 from mtssl.prep.options import PrepConfig
-from mtssl.prep.samples import _bins
 from mtssl.data.shards import ShardImages
 mode, src, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 
@@ -42,7 +41,6 @@ def status_mib(field):
             return int(line.split()[1]) / 1024
 
 
-_bins()  # colour tables: a one-off transient of a few hundred MiB at start-up
 loaded = status_mib("VmHWM")
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the transient back, for a steady baseline
@@ -114,7 +112,8 @@ def main() -> None:
             print(f"{n:>6} images (made in {made:.0f}s): prep {prep['n'] / prep['seconds']:.0f} "
                   f"files/s, peak RSS {prep['work_peak_mib']:.1f} MiB = "
                   f"{prep['rss_before_mib']:.1f} after imports + {growth(prep):.1f} while "
-                  f"preparing, largest worker {prep['worker_peak_mib']:.1f} MiB | read all back: {read['n'] / read['seconds']:.0f} images/s, peak "
+                  f"preparing, largest worker {prep['worker_peak_mib']:.1f} MiB | read all back: "
+                  f"{read['n'] / read['seconds']:.0f} images/s, peak "
                   f"RSS {read['work_peak_mib']:.1f} MiB = {read['rss_before_mib']:.1f} + "
                   f"{growth(read):.1f}", flush=True)
     small, large = min(rows), max(rows)

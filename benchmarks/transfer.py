@@ -117,6 +117,7 @@ def pretext_at(run_dir: Path, step: int) -> dict[str, dict]:
 
 def probe_all(trunks: dict, *, args) -> list[dict]:
     import torch
+
     from mtssl.checkpoint import CheckpointStore
     from mtssl.config import load_config
     from mtssl.eval.common import load_entry, random_trunk, suite_settings

@@ -49,12 +49,12 @@ def check_state(obj: object, path: str = "state") -> None:
     kind = type(obj)
     if kind in _LEAVES:
         return
-    if kind in (dict, OrderedDict):
+    if isinstance(obj, dict) and kind in (dict, OrderedDict):
         for k, v in obj.items():
             check_state(k, f"{path} key {k!r}")
             check_state(v, f"{path}[{k!r}]")
         return
-    if kind in (list, tuple):
+    if isinstance(obj, (list, tuple)) and kind in (list, tuple):
         for i, v in enumerate(obj):
             check_state(v, f"{path}[{i}]")
         return

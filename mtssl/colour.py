@@ -26,6 +26,11 @@ _WHITE = _RGB_TO_XYZ.sum(dim=1)
 _DELTA = 6.0 / 29.0
 # sRGB surface sweep resolution: the grid-10 cell count is the same from 384 to 2048 points per edge.
 _SWEEP_POINTS = 512
+# The soft-encoding of a colour target (Zhang et al.): a Gaussian of SOFT_SIGMA ab units over its
+# SOFT_NEIGHBORS nearest bins (the paper says 5, Zhang's code 10); the prior is smoothed by the
+# same Gaussian. The one owner of these defaults: the colorization task's config takes them.
+SOFT_SIGMA = 5.0
+SOFT_NEIGHBORS = 5
 # Table margin beyond the sRGB ab range: resampled ab maps (bilinear resize, augmentation)
 # overshoot the gamut slightly, and those values should still meet a real table cell.
 _LUT_MARGIN = 5.0
@@ -147,7 +152,8 @@ def _check_ab(ab: Tensor) -> None:
         raise ValueError(f"ab must be a floating (..., 2, H, W) tensor, got {ab.dtype} {tuple(ab.shape)}")
 
 
-def soft_encode_exact(ab: Tensor, bins: Tensor, sigma: float = 5.0, k: int = 5) -> tuple[Tensor, Tensor]:
+def soft_encode_exact(ab: Tensor, bins: Tensor, sigma: float = SOFT_SIGMA,
+                      k: int = SOFT_NEIGHBORS) -> tuple[Tensor, Tensor]:
     """Brute-force soft encoding: the k nearest bins (nearest first) with Gaussian weights
     summing to 1. ab (..., 2, H, W) -> idx, weight (..., k, H, W)."""
     _check_ab(ab)
@@ -169,7 +175,11 @@ class SoftEncoder(torch.nn.Module):
     multiple of 2*step the boundaries between neighbouring bins fall on cell edges and the
     nearest bin is exact except where missing gamut-edge bins make diagonal boundaries."""
 
-    def __init__(self, *, bins: Tensor, sigma: float = 5.0, k: int = 5, step: float = 1.0):
+    lut_idx: Tensor  # buffers: (k, cells) bin indices and weights of every table cell
+    lut_weight: Tensor
+
+    def __init__(self, *, bins: Tensor, sigma: float = SOFT_SIGMA, k: int = SOFT_NEIGHBORS,
+                 step: float = 1.0):
         super().__init__()
         if bins.dim() != 2 or bins.shape[1] != 2:
             raise ValueError(f"bins must be (Q, 2), got {tuple(bins.shape)}")
@@ -244,7 +254,7 @@ def bin_histogram(bin_idx: Tensor, num_bins: int) -> Tensor:
     return torch.bincount(flat, minlength=num_bins)
 
 
-def smoothed_prior(counts: Tensor, bins: Tensor, sigma: float = 5.0) -> Tensor:
+def smoothed_prior(counts: Tensor, bins: Tensor, sigma: float = SOFT_SIGMA) -> Tensor:
     """Empirical bin distribution smoothed by a Gaussian over ab distance between bin centres
     (the density of the smoothed histogram sampled at the centres), normalised to sum 1."""
     counts = counts.to(torch.float64)

@@ -18,11 +18,20 @@ from typing import Any, Literal
 
 import yaml
 
-from mtssl.task_sections import HarmonizationConfig, TaskSections, TasksConfig
+from mtssl.env import DEVICES, valid_device
+from mtssl.task_sections import HarmonizationConfig, TasksConfig, TaskSections
 from mtssl.validation import ConfigError, require
 
 __all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "save_config"]
 
+
+# The sections that define the model and its samples: every role of a distributed run must
+# agree on them (the workers' fingerprint), and a resumed run keeps them (mtssl.resume adds the
+# optimizer).
+MODEL_SECTIONS = ("seed", "trunk", "tasks", "lasso", "harmonization")
+# Of the data section, what decides which samples a worker draws (checked with the model's
+# sections); loader settings (num_workers, image_cache) may differ between roles.
+SHARED_DATA_KEYS = ("images", "frames", "holdout_every")
 
 # ResNet-v2 units per block for blocks 1-3 (block 4 is not part of pre-training).
 DEPTH_UNITS: dict[int, tuple[int, int, int]] = {
@@ -221,8 +230,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self):
-        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-                "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        require(valid_device(self.device), "device", f"must be {DEVICES}, got {self.device!r}")
 
     def enabled_tasks(self) -> list[str]:
         return [name for name, task in self.tasks.items() if task.enabled]

@@ -1,4 +1,4 @@
-"""The one error class the CLI treats as the user's to fix: one line, exit status 2."""
+"""Error classes low in the dependency order: the user's mistakes, and a training run's stop."""
 
 from __future__ import annotations
 
@@ -8,3 +8,8 @@ class UserError(Exception):
 
     Raised before any compute where possible; the message says what to change.
     """
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, a refused resume, a lost peer): the last good
+    checkpoint is kept."""

@@ -5,9 +5,10 @@ read by tasks T, task t keeps v_t fed only by its own gradients g_t and proposes
     delta_t = -lr_t * (g_t / (sqrt(v_t) + eps) + wd * p)   (optional momentum on the ratio);
 p receives the sum of the deltas of the tasks that stepped. Weight decay is decoupled from the
 normalisation (Loshchilov & Hutter, ICLR 2019): added to g_t before dividing by sqrt(v_t), a
-weakly used weight's decay would be amplified to a full lr-sized step and erase it. Head and alpha parameters belong to
-one task and are touched only by it. The single-process trainer and the distributed coordinator
-both go through `PerTaskRMSProp`, so both apply exactly the same rule.
+weakly used weight's decay would be amplified to a full lr-sized step and erase it. Head and
+alpha parameters belong to one task and are touched only by it. The single-process trainer and
+the distributed coordinator both go through `PerTaskRMSProp`, so both apply exactly the same
+rule.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Keys are relative, '/'-separated paths (``checkpoints/step_000000100.pt``). Writes are atomic for
 readers: a reader sees the old object or the new one, never a partial one.
 
-S3 connection settings come from the environment (read only by :func:`s3_config_from_env`):
+S3 connection settings come from the environment (mtssl.env.S3_VARS, read by
+:func:`mtssl.env.s3_variables`, validated by :func:`s3_config_from_env`):
 
 - ``MTSSL_S3_ENDPOINT``: ``host:port`` of the S3 service (required for ``s3://`` URIs).
 - ``MTSSL_S3_ACCESS_KEY`` / ``MTSSL_S3_SECRET_KEY``: credentials (both or neither; neither means
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Mapping, TypeVar
 from urllib.parse import unquote, urlparse
+
+from mtssl.env import s3_variables
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +119,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through ``write`` into a temp file next to ``path``, fsync, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{_TMP_MARK}{uuid.uuid4().hex}-{path.name}")
@@ -261,23 +264,23 @@ def _seconds(value: str) -> float:
 
 
 def s3_config_from_env(environ: Mapping[str, str] | None = None) -> S3Config:
-    """Read the ``MTSSL_S3_*`` variables (see the module docstring)."""
-    env = os.environ if environ is None else environ
-    endpoint = env.get("MTSSL_S3_ENDPOINT", "").strip()
+    """Read the ``MTSSL_S3_*`` variables (see the module docstring; mtssl.env reads them)."""
+    env = s3_variables(environ)
+    endpoint = env.get("endpoint", "").strip()
     if not endpoint:
         raise StorageError("MTSSL_S3_ENDPOINT is not set; it must be host:port of the S3 service")
     if "://" in endpoint or "/" in endpoint:
         raise StorageError(f"MTSSL_S3_ENDPOINT={endpoint!r}: expected host:port without scheme "
                            "(set MTSSL_S3_SECURE for TLS)")
-    access = env.get("MTSSL_S3_ACCESS_KEY") or None
-    secret = env.get("MTSSL_S3_SECRET_KEY") or None
+    access = env.get("access-key") or None
+    secret = env.get("secret-key") or None
     if (access is None) != (secret is None):
         raise StorageError("set both MTSSL_S3_ACCESS_KEY and MTSSL_S3_SECRET_KEY, or neither")
     return S3Config(
         endpoint=endpoint, access_key=access, secret_key=secret,
-        secure=_parse_bool("MTSSL_S3_SECURE", env.get("MTSSL_S3_SECURE", "true")),
-        region=env.get("MTSSL_S3_REGION") or None,
-        retry_s=_seconds(env.get("MTSSL_S3_RETRY_S", "90")),
+        secure=_parse_bool("MTSSL_S3_SECURE", env.get("secure", "true")),
+        region=env.get("region") or None,
+        retry_s=_seconds(env.get("retry-s", "90")),
     )
 
 

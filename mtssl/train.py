@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import threading
 import time
@@ -16,16 +15,18 @@ from torch import Tensor
 
 from mtssl.accounting import SHARED, DeviceClock, budget_check, device_type
 from mtssl.checkpoint import CheckpointStore
-from mtssl.config import Config, ConfigError, from_dict, save_config, to_dict
+from mtssl.config import Config, from_dict, save_config, to_dict
 from mtssl.data.sources import TaskData
 from mtssl.data.stream import loader
-from mtssl.distributed.env import metrics_port, run_name
+from mtssl.env import metrics_port, run_name
+from mtssl.errors import TrainingError
 from mtssl.health import UNHEALTHY, HealthCheck, run_progress
 from mtssl.metrics import Metrics
 from mtssl.models.multitask import MultiTaskNet
 from mtssl.optim import PerTaskRMSProp
 from mtssl.precision import autocast
 from mtssl.preflight import check_data, open_checked
+from mtssl.resume import check_changeable, check_resumable
 from mtssl.runlock import RunLock, claim_run
 from mtssl.runlog import Accumulator, append_log, progress, truncate_log
 from mtssl.schedules import lr_scale
@@ -33,17 +34,7 @@ from mtssl.tasks import TASKS
 
 log = logging.getLogger("mtssl.train")
 
-# Sections that define the model and its optimisation: a resumed run must not change them,
-# except how many distributed workers share each task's batches.
-FROZEN_ON_RESUME = ("seed", "trunk", "tasks", "lasso", "harmonization", "optimizer")
-# Of those, what `--allow-changed` may name: hyper-parameters that change no shape or data, for
-# continuing a run (e.g. one that diverged) with new values.
-CHANGEABLE_ON_RESUME = ("optimizer.*", "lasso.l1", "tasks.*.lr", "tasks.*.weight")
 CALIBRATION_STREAM = 1000  # stream ids for calibration/evaluation draws, apart from training's
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -498,42 +489,6 @@ class Trainer(TrainingRun):
                                             stop_at or self.cfg.schedule.max_steps))
             self.finish_loop()
             return self.state
-
-
-def check_changeable(cfg: Config, keys: tuple[str, ...]) -> tuple[str, ...]:
-    """The `--allow-changed` keys, each an existing key matching CHANGEABLE_ON_RESUME."""
-    for key in keys:
-        node = to_dict(cfg)
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise ConfigError(key, "--allow-changed: no such config key")
-            node = node[part]
-        if not any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key + ".x", p)
-                   for p in CHANGEABLE_ON_RESUME):
-            raise ConfigError(key, "--allow-changed: this key cannot change on resume; only "
-                                   + ", ".join(CHANGEABLE_ON_RESUME) + " can")
-    return tuple(keys)
-
-
-def check_resumable(saved: Config, current: Config, allowed: tuple[str, ...] = ()) -> None:
-    old, new = to_dict(saved), to_dict(current)
-    diffs = [k for section in FROZEN_ON_RESUME for k in diff_keys(old[section], new[section], section)
-             if not (k.startswith("tasks.") and k.endswith(".workers"))]
-    refused = [k for k in diffs if not any(k == a or k.startswith(a + ".") for a in allowed)]
-    if refused:
-        raise TrainingError("cannot resume: the checkpoint was trained with different settings for "
-                            + ", ".join(refused) + " (only schedule, data, output, distributed and "
-                            "tasks.<t>.workers may change; name hyper-parameters you mean to change "
-                            "with --allow-changed, e.g. --allow-changed tasks.colorization.lr)")
-    if diffs:
-        log.warning("resuming with changed settings (--allow-changed): %s", ", ".join(diffs))
-
-
-def diff_keys(a, b, prefix: str) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [k2 for k in sorted(set(a) | set(b))
-                for k2 in diff_keys(a.get(k), b.get(k), f"{prefix}.{k}")]
-    return [] if a == b else [prefix]
 
 
 def skip_summary(skipped: dict[str, dict[str, str]]) -> dict[str, dict[str, int]]:

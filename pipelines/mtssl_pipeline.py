@@ -14,7 +14,7 @@ from typing import List, NamedTuple
 
 from kfp import dsl, kubernetes
 
-from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, builders
+from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, S3_SECRET, builders
 from mtssl.tasks import TASKS
 
 # The IR uses optional secretAsEnv keys and dsl.Collected over artifacts, which KFP backends
@@ -27,10 +27,9 @@ STEP_GPU_IMAGE = os.environ.get("MTSSL_GPU_IMAGE", GPU_IMAGE)
 # GPUs per evaluation pod, also fixed at compile time (kfp.local cannot resolve resource
 # settings given as pipeline parameters): MTSSL_EVAL_GPUS=0 for a cluster without GPUs.
 EVAL_GPUS = int(os.environ.get("MTSSL_EVAL_GPUS", "1"))
-S3_SECRET = "mtssl-s3"
-S3_REQUIRED = {"endpoint": "MTSSL_S3_ENDPOINT", "access-key": "MTSSL_S3_ACCESS_KEY",
-               "secret-key": "MTSSL_S3_SECRET_KEY"}
-S3_OPTIONAL = {"secure": "MTSSL_S3_SECURE", "region": "MTSSL_S3_REGION"}
+# Secret key -> variable: the training pods' map (mtssl.env owns the names).
+S3_REQUIRED = {k: v for k, v in builders.S3_SECRET_KEYS.items() if k not in builders.S3_OPTIONAL}
+S3_OPTIONAL = {k: v for k, v in builders.S3_SECRET_KEYS.items() if k in builders.S3_OPTIONAL}
 ALL_TASKS = list(TASKS)  # the built-in tasks (registered on import), fixed in the IR at compile
 # kfp is installed in the images (the `pipeline` extra); no pip install at run time.
 component = dsl.component(base_image=STEP_CPU_IMAGE, install_kfp_package=False)
@@ -112,7 +111,7 @@ def evaluate(item: dict, settings: str, results: dsl.Output[dsl.Artifact],
              metrics: dsl.Output[dsl.Metrics]):
     """One suite on one checkpoint: linear probe (imagenet: top-1/top-5), Faster R-CNN C4
     (pascal: mAP) or the depth decoder (nyu: delta < 1.25, ...); `results` is an
-    `mtssl report` results folder the report stage reuses."""
+    `mtssl report transfer` results folder the report stage reuses."""
     from mtssl.k8s.stages import evaluate as run
     for key, value in run(item=item, settings=settings, out_dir=results.path).items():
         metrics.log_metric(f"{item['suite']}/{item['milestone']}/{key}", value)

@@ -2,9 +2,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import synthetic
 
 import mtssl.tasks  # noqa: F401  registers the built-in tasks, as every entry point does
-import synthetic
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -15,6 +15,18 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "shared_data" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.shared_data)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line CI logs always show: how many tests skipped, how many of them for want of the
+    real data sets (so a CI without ../shared/data says what it did not test)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    real = sum(1 for r in skipped if "shared_data" in getattr(r, "keywords", {})
+               or "real data not found" in str(r.longrepr))
+    terminalreporter.write_line(f"mtssl: {len(skipped)} test(s) skipped, {real} of them for want "
+                                f"of the real data sets in {SHARED_DATA} (reasons above, -ra)")
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from s3_emulator import persistent_s3_emulator, s3_bucket, s3_emulator, s3_env  # noqa: F401
 
 from mtssl.checkpoint import CheckpointError, CheckpointFallbackWarning, CheckpointStore
 from mtssl.storage import LocalStorage, S3Storage, StorageError
-from s3_emulator import persistent_s3_emulator, s3_bucket, s3_emulator, s3_env  # noqa: F401
 
 FAST = dict(max_attempts=2, backoff_s=0.01, backoff_max_s=0.02)
 REDUCED: list[str] = []

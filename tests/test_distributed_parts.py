@@ -8,12 +8,12 @@ import time
 import pytest
 import torch
 
-from mtssl.distributed import env as envvars
-from mtssl.distributed.env import EnvError, role_env
+from mtssl import env as envvars
 from mtssl.distributed.launch import roles
 from mtssl.distributed.protocol import CONTINUE, Layout, message_bytes, task_ranks, world_size
 from mtssl.distributed.staleness import StalenessGate
 from mtssl.distributed.worker import single_task_net
+from mtssl.env import EnvError, role_env
 from mtssl.models.multitask import MultiTaskNet
 
 POOLS = ("tasks.relative_position.workers=2", "tasks.colorization.workers=1",
@@ -136,3 +136,31 @@ def test_launcher_plan_matches_pods(tiny_config):
     assert [int(r.env[envvars.METRICS_PORT]) for r in plan] == [9100, 9101, 9102, 9103, 9104]
     off = roles(cfg, config="c.yaml", overrides=[], addr="h", port=1, run="r", metrics_base=0)
     assert {r.env[envvars.METRICS_PORT] for r in off} == {"0"}
+
+
+def test_roles_agree_on_the_data_that_decides_samples_not_on_loader_settings():
+    """The coordinator refuses workers with "a different model or data config": the fingerprint
+    covers the model sections and the data keys that choose samples, not loader settings."""
+    from conftest import TINY
+
+    from mtssl.config import load_config
+    layout = Layout(task="colorization", params=(("w", (2,)),), buffers=())
+    base = load_config("quickstart", TINY)
+    same = layout.fingerprint(base)
+    for override in ("data.num_workers=2", "data.image_cache=0"):
+        assert layout.fingerprint(load_config("quickstart", [*TINY, override])) == same
+    for override in ("data.images=/elsewhere", "data.holdout_every=7", "seed=9"):
+        assert layout.fingerprint(load_config("quickstart", [*TINY, override])) != same
+
+
+def test_env_is_low_in_the_dependency_order():
+    """mtssl.env reads every variable of the package's own and imports no config at run time
+    (config.py takes its device check from it)."""
+    import ast
+    import inspect
+
+    from mtssl import config, env
+    imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(env)))
+                if isinstance(n, ast.ImportFrom) and n.col_offset == 0}
+    assert "mtssl.config" not in imported
+    assert config.valid_device is env.valid_device

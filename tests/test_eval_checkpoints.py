@@ -8,8 +8,7 @@ import torch
 
 from mtssl.checkpoint import CheckpointStore
 from mtssl.config import ConfigError, load_config
-from mtssl.eval.common import (EvalError, load_trunk, pretrain_hours, random_trunk,
-                               suite_settings)
+from mtssl.eval.common import EvalError, load_trunk, pretrain_hours, random_trunk, suite_settings
 from mtssl.storage import open_storage
 from mtssl.train import Trainer
 

@@ -5,13 +5,13 @@ and the CLI."""
 import json
 
 import pytest
+from synthetic import image_folder
+from test_eval_checkpoints import train_tiny
 
 from mtssl.cli import main
 from mtssl.config import load_config
 from mtssl.eval.common import EvalError, load_trunk, random_trunk, suite_settings
 from mtssl.eval.imagenet import run
-from synthetic import image_folder
-from test_eval_checkpoints import train_tiny
 
 
 def probe(loaded, data, cache, *sets):
@@ -92,6 +92,7 @@ def test_grid_probe_reads_pooled_cells_and_global_probe_one_vector(tmp_path):
     """The literature's probe (block-3 maps pooled to a grid, standardised, linear) next to the
     globally pooled one, on a tiny trunk; eval-only lasso works with both."""
     import torch
+
     from mtssl.eval.imagenet import CropDataset, extract_features, list_split
     data = image_folder(tmp_path / "d", {"train/a": 4, "train/b": 4, "val/a": 2, "val/b": 2})
     loaded = random_trunk(load_config("quickstart", ["trunk.units=[1,1,2]",

@@ -6,9 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from mtssl.eval.metrics import (add_sums, average_precision, box_iou, depth_metrics, depth_sums,
-                                detection_map, finish_depth, match_detections, topk_accuracy,
-                                voc07_ap)
+from mtssl.eval.metrics import (
+    add_sums,
+    average_precision,
+    box_iou,
+    depth_metrics,
+    depth_sums,
+    detection_map,
+    finish_depth,
+    match_detections,
+    topk_accuracy,
+    voc07_ap,
+)
 
 
 def test_topk_accuracy_hand_built():

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic import write_synthetic_nyu
 
 from mtssl.config import load_config
 from mtssl.eval.common import EvalError, random_trunk, suite_settings
-from mtssl.eval.nyu import (DepthNet, berhu, list_pairs, read_depth, run, unpool,
-                            write_synthetic_nyu)
+from mtssl.eval.nyu import DepthNet, berhu, list_pairs, read_depth, run, unpool
 
 TINY_ARCH = ["trunk.width=0.0625", "trunk.units=[1,1,2]"]
 

@@ -8,8 +8,7 @@ from PIL import Image
 
 from mtssl.config import load_config
 from mtssl.eval.common import EvalError, random_trunk, suite_settings
-from mtssl.eval.pascal import (AnnotationError, C4BoxHead, build_detector, load_split,
-                               parse_voc_xml, run)
+from mtssl.eval.pascal import AnnotationError, C4BoxHead, build_detector, load_split, parse_voc_xml, run
 
 XML = """<annotation><filename>{name}</filename>
 <size><width>100</width><height>80</height><depth>3</depth></size>{objects}</annotation>"""

@@ -1,13 +1,14 @@
-"""`mtssl report`: milestones of runs with and without lasso, random-init floor, skipping what
-is done, CSV/JSON, plots, alpha heatmap, the lasso table, HTML."""
+"""`mtssl report transfer`: milestones of runs with and without lasso, random-init floor,
+skipping what is done, CSV/JSON, plots, alpha heatmap, the lasso table, HTML."""
 
 import csv
 import json
 
-from mtssl.cli import main
-from mtssl.eval.nyu import write_synthetic_nyu
-from mtssl.eval.report import write_report
+from synthetic import write_synthetic_nyu
 from test_eval_checkpoints import save_milestones, train_tiny
+
+from mtssl.cli import main
+from mtssl.eval.report import write_report
 
 SETS = ["--set", "imagenet.max_per_class=2", "--set", "imagenet.epochs=10",
         "--set", "nyu.iterations=2", "--set", "nyu.input_size=[24,32]"]
@@ -20,7 +21,7 @@ def test_report_end_to_end_and_rerun_skips(labelled, tmp_path, capsys):
     save_milestones(naive, [0.5])
     nyu = write_synthetic_nyu(tmp_path / "nyu", train=4, test=2, size=(24, 32))
     out = tmp_path / "report"
-    args = ["report", str(tmp_path / "lasso"), str(tmp_path / "naive"),
+    args = ["report", "transfer", str(tmp_path / "lasso"), str(tmp_path / "naive"),
             "--suite", f"imagenet={labelled.root}", "--suite", f"nyu={nyu}",
             "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *SETS]
     assert main(args) == 0

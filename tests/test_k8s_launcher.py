@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("kubernetes", reason="the k8s extra is not installed (pip install '.[k8s]')")
 
 from mtssl.k8s import PYTORCHJOB, TRAINJOB, base, builders, trainjob  # noqa: E402
-from mtssl.k8s.launcher import LaunchError, Launcher  # noqa: E402
+from mtssl.k8s.launcher import Launcher, LaunchError  # noqa: E402
 from mtssl.k8s.profiles import run_spec  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "k8s"

@@ -17,8 +17,7 @@ import pytest
 import yaml
 
 from mtssl.config import load_config, to_dict
-from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, PYTORCHJOB, TRAINJOB, base, builders, pytorchjob, \
-    trainjob
+from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, PYTORCHJOB, TRAINJOB, base, builders, pytorchjob, trainjob
 from mtssl.k8s.profiles import PROFILES, run_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -444,7 +443,7 @@ def test_pods_run_the_local_launchers_commands_and_variables(rendered):
     """`mtssl launch --local` on the overlay's config: same arguments, same MTSSL_* values,
     except the worker index (the controller's index field), the coordinator's address and the
     metrics port (one named port per pod instead of one per local process)."""
-    from mtssl.distributed import env as envvars
+    from mtssl import env as envvars
     from mtssl.distributed.launch import roles
     spec, objects = rendered
     cfg = load_config(ROOT / "manifests" / "overlays" / spec_profile(spec) / builders.CONFIG_FILE)

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from mtssl import train
-from mtssl.accounting import (SHARED, DeviceClock, budget_check, crossed_marks, milestone_name,
-                              remaining_hours)
+from mtssl.accounting import SHARED, DeviceClock, budget_check, crossed_marks, milestone_name, remaining_hours
 from mtssl.checkpoint import CheckpointStore
 from mtssl.metrics import Metrics, alpha_sparsity
 from mtssl.storage import open_storage

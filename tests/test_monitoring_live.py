@@ -76,7 +76,6 @@ def scraped_run(tmp_path_factory):
     """(Prometheus URL, run directory, storage) after the run finished and was scraped."""
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus not installed (Debian package 'prometheus'; .ci/install-services)")
-    pytest.importorskip("mtssl.distributed.launch", reason="distributed runtime (issue 4) absent")
     from conftest import TINY
     tmp = tmp_path_factory.mktemp("live")
     metrics_base = free_ports(5)  # coordinator + one worker per task
@@ -140,8 +139,8 @@ def test_prometheus_gpu_hours_per_task_match_the_coordinators_totals(scraped_run
 
 
 def test_every_metric_the_dashboard_and_rules_read_was_scraped(scraped_run):
-    from test_monitoring_rules import EXTERNAL_METRICS, RULES as RULE_FILE, dashboard, \
-        metric_names, queries
+    from test_monitoring_rules import EXTERNAL_METRICS, dashboard, metric_names, queries
+    from test_monitoring_rules import RULES as RULE_FILE
     url, _ = scraped_run
     with urllib.request.urlopen(f"{url}/api/v1/label/__name__/values", timeout=10) as r:
         scraped = set(json.loads(r.read())["data"])

@@ -265,7 +265,7 @@ def test_metric_name_extraction_finds_nested_selectors():
 
 def exported_names() -> set[str]:
     """Sample names of every family mtssl.metrics registers (the exposition's names)."""
-    metrics = pytest.importorskip("mtssl.metrics", reason="mtssl.metrics (issue 4) not present")
+    from mtssl import metrics
     m = metrics.Metrics(run="r", role="coordinator", device_type="cpu")
     names = set()
     for family in m.registry.collect():

@@ -6,7 +6,12 @@ pytest.importorskip("cv2")
 
 from mtssl.prep.davis import davis_j  # noqa: E402
 from mtssl.prep.motion import (  # noqa: E402
-    estimate_flow, frame_filter, motion_mask, region_similarity, remove_camera_motion)
+    estimate_flow,
+    frame_filter,
+    motion_mask,
+    region_similarity,
+    remove_camera_motion,
+)
 
 H, W = 160, 224
 PAN = (2, 1)  # camera moves right/down by (x, y) px per frame, so the scene flows by (-2, -1)

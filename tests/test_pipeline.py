@@ -14,7 +14,7 @@ import yaml
 
 from mtssl.checkpoint import CheckpointStore
 from mtssl.config import load_config
-from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, stages
+from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, S3_SECRET, builders, stages
 from mtssl.storage import open_storage
 from mtssl.validation import ConfigError
 
@@ -32,8 +32,12 @@ def load_script(name: str):
 
 
 @pytest.fixture(scope="module")
-def ir() -> dict:
-    docs = list(yaml.safe_load_all(IR.read_text()))
+def ir(tmp_path_factory) -> dict:
+    """The IR compiled now from pipelines/mtssl_pipeline.py (what the committed one must equal:
+    test_committed_ir_equals_a_fresh_compile), so the checks below read the pipeline's source."""
+    fresh = tmp_path_factory.mktemp("ir") / "mtssl_pipeline.yaml"
+    load_script("compile").compile_to(fresh)
+    docs = list(yaml.safe_load_all(fresh.read_text()))
     return {"pipeline": docs[0], "platform": docs[1] if len(docs) > 1 else {}}
 
 
@@ -56,8 +60,8 @@ def test_ir_check_notices_a_change(tmp_path):
 
 def test_ui_parameters(ir):
     params = ir["pipeline"]["root"]["inputDefinitions"]["parameters"]
-    for name in ("config", "data", "prep_partitions", "budget_gpu_hours", "tasks", "eval_sets", "imagenet_data",
-                 "pascal_data", "nyu_data", "overrides", "storage", "launcher", "run",
+    for name in ("config", "data", "prep_partitions", "budget_gpu_hours", "tasks", "eval_sets",
+                 "imagenet_data", "pascal_data", "nyu_data", "overrides", "storage", "launcher", "run",
                  "namespace", "data_pvc", "cpu_image", "gpu_image"):
         assert name in params, name
     assert params["run"]["defaultValue"] == ""  # named after the pipeline run's ID
@@ -92,9 +96,10 @@ def test_stages_run_in_the_image_with_resources_and_secrets(ir):
                  "exec-evaluate", "exec-report"):
         secrets = platform[name]["secretAsEnv"]
         keys = {k["secretKey"]: k["envVar"] for s in secrets for k in s["keyToEnv"]}
-        assert keys["access-key"] == "MTSSL_S3_ACCESS_KEY" and keys["endpoint"] == \
-            "MTSSL_S3_ENDPOINT"
-        assert {s["secretName"] for s in secrets} == {"mtssl-s3"}
+        assert keys == builders.S3_SECRET_KEYS  # the training pods' map (mtssl.env owns it)
+        optional = {k["secretKey"] for s in secrets if s.get("optional") for k in s["keyToEnv"]}
+        assert optional == set(builders.S3_OPTIONAL)
+        assert {s["secretName"] for s in secrets} == {S3_SECRET}
     assert "value" not in json.dumps(ir["platform"])  # references only, never secret values
     # every step that reads data sees the data_pvc parameter's claim at /data
     for name in ("exec-plan-prep", "exec-prepare-partition", "exec-merge-prep", "exec-evaluate",
@@ -140,8 +145,9 @@ def test_dag_order_inside_an_exit_handler_that_cleans_up(ir):
 
 def test_prep_stages_plan_prepare_and_merge_partitions(photo_pool, tmp_path):
     """The fanned-out prep as the pipeline runs it: N partition preps, one merge, then reuse."""
-    from mtssl.prep import stages as prep_stages
     from test_prep import link_photos
+
+    from mtssl.prep import stages as prep_stages
     src, out = tmp_path / "in", str(tmp_path / "prepared")
     link_photos(photo_pool, src, 7)
     assert prep_stages.plan_partitions(data="embedded", prepared="", partitions=3) == ["none"]

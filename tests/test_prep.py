@@ -91,28 +91,20 @@ def test_images_become_resized_shards_with_index_and_manifest(photos, tmp_path):
     assert len(seen) == 23
 
 
-def test_colour_prior_matches_an_independent_count(photos, tmp_path):
-    """Counts over ab_bins of every pixel (prior_pixels above the image size), recomputed with
-    scikit-image's Lab and a brute-force nearest bin."""
-    from skimage.color import rgb2lab
-
-    from mtssl.colour import ab_bins
+def test_manifest_has_no_colour_prior_and_old_ones_still_read(photos, tmp_path):
+    """The colour prior prep once wrote was never read (colorization measures its own): no
+    longer written, and a dataset whose manifest still has one reads and resumes as before."""
+    from mtssl.data.shards import MANIFEST, read_manifest
+    from mtssl.storage import open_storage
     src, _ = photos
     out = tmp_path / "out"
-    manifest = prepare(options(src, out, prior_pixels=10**6))
-    bins = ab_bins().numpy()  # (Q, 2)
-    expected = np.zeros(len(bins), np.int64)
-    for entry in manifest["images"]["shards"]:
-        for members in tar_samples(out / entry["tar"]).values():
-            rgb = np.asarray(Image.open(io.BytesIO(members["jpg"])).convert("RGB"))
-            ab = rgb2lab(rgb)[..., 1:].reshape(-1, 2)
-            nearest = ((ab[:, None, :] - bins[None]) ** 2).sum(-1).argmin(1)
-            expected += np.bincount(nearest, minlength=len(bins))
-    prior = manifest["colour_prior"]
-    counts = np.array(prior["counts"])
-    assert counts.sum() == expected.sum() == prior["pixels"]
-    assert np.abs(counts - expected).sum() / expected.sum() < 0.005  # float ties at bin edges
-    assert prior["bins"] == len(bins) and abs(sum(prior["prior"]) - 1) < 1e-6
+    manifest = prepare(options(src, out))
+    assert "colour_prior" not in manifest
+    old = dict(manifest, colour_prior={"bins": 313, "counts": [0] * 313, "prior": [0.0] * 313})
+    (out / MANIFEST).write_text(json.dumps(old))
+    assert read_manifest(open_storage(str(out)), MANIFEST)["colour_prior"]["bins"] == 313
+    again = prepare(options(src, out))  # same fingerprint: verified, not redone or refused
+    assert again["images"] == manifest["images"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -1,11 +1,12 @@
 """`mtssl prep --partition K/N` and `mtssl prep-merge`: N partitions merged hold exactly the items,
-counts, skips and colour prior of a one-run prep; missing, mixed or damaged partitions are
+counts and skips of a one-run prep; missing, mixed or damaged partitions are
 refused without touching a good manifest; the default uses every usable CPU."""
 
 import json
 import re
 
 import pytest
+from test_prep import files_digest, link_photos, options, tar_samples
 
 from mtssl.cli import main
 from mtssl.data.shards import ShardFrames, ShardImages
@@ -13,7 +14,6 @@ from mtssl.prep.dataset import prepare
 from mtssl.prep.merge import merge
 from mtssl.prep.options import PrepConfig, usable_cpus
 from mtssl.prep.shards import PrepError
-from test_prep import files_digest, link_photos, options, tar_samples
 
 
 @pytest.fixture
@@ -65,7 +65,6 @@ def test_merged_partitions_hold_what_one_prep_holds(mixed, tmp_path):
     assert sorted(merged["skipped"]["items"]) == sorted(one["skipped"]["items"])
     assert merged["skipped"]["by_reason"] == one["skipped"]["by_reason"] == {"not_an_image": 1}
     assert merged["ignored_files"] == one["ignored_files"] == {".txt": 1}
-    assert merged["colour_prior"] == one["colour_prior"]
     assert len({s["tar"] for s in merged["images"]["shards"]}) > 3  # every partition's shards
     for stream in ("images", "frames"):
         for s in merged[stream]["shards"]:

@@ -5,15 +5,15 @@ workers."""
 import json
 
 import pytest
-
 from conftest import TINY
+from s3_emulator import s3_bucket, s3_emulator, s3_env  # noqa: F401
+from test_prep import link_photos
+
 from mtssl.config import load_config
 from mtssl.data.shards import ShardFrames, ShardImages
 from mtssl.prep.dataset import prepare
 from mtssl.prep.options import PrepConfig
 from mtssl.train import Trainer
-from s3_emulator import s3_bucket, s3_emulator, s3_env  # noqa: F401
-from test_prep import link_photos
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import write_video
+from test_prep import files_digest, tar_samples
 
 from mtssl.data.shards import ShardFrames
 from mtssl.prep.dataset import prepare
 from mtssl.prep.options import PrepConfig
 from mtssl.prep.samples import resize_short
 from mtssl.prep.video import sample_frames
-from synthetic import write_video
-from test_prep import files_digest, tar_samples
 
 
 def frame_filter_holds(mask: np.ndarray) -> bool:

@@ -9,6 +9,8 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
+from s3_emulator import s3_bucket, s3_emulator, s3_env  # noqa: F401
+from test_prep import link_photos
 
 from mtssl.config import DataConfig
 from mtssl.data import shards as shards_mod
@@ -19,8 +21,6 @@ from mtssl.data.stream import TaskStream, loader
 from mtssl.prep.dataset import prepare
 from mtssl.prep.options import PrepConfig
 from mtssl.storage import S3Storage
-from s3_emulator import s3_bucket, s3_emulator, s3_env  # noqa: F401
-from test_prep import link_photos
 
 
 def corner(img, rng):

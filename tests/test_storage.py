@@ -3,13 +3,27 @@ import os
 import traceback
 
 import pytest
+from s3_emulator import (  # noqa: F401
+    ACCESS_KEY,
+    SECRET_KEY,
+    FaultyProxy,
+    free_port,
+    persistent_s3_emulator,
+    s3_bucket,
+    s3_emulator,
+    s3_env,
+)
 
 from mtssl import storage as storage_mod
-from mtssl.storage import (LocalStorage, NotFound, S3Config, S3Storage, StorageError,
-                           open_storage, s3_config_from_env)
-from s3_emulator import (ACCESS_KEY, SECRET_KEY, FaultyProxy, free_port,  # noqa: F401
-                         persistent_s3_emulator, s3_bucket,
-                         s3_emulator, s3_env)
+from mtssl.storage import (
+    LocalStorage,
+    NotFound,
+    S3Config,
+    S3Storage,
+    StorageError,
+    open_storage,
+    s3_config_from_env,
+)
 
 FAST = dict(max_attempts=3, backoff_s=0.01, backoff_max_s=0.05)
 

@@ -21,7 +21,7 @@ def test_tiny_run_writes_config_metrics_checkpoint(tiny_config):
     state = Trainer(cfg).train()
     assert state.step == 4 and all(n == 16 for n in state.samples.values())
     assert (cfg.run_dir / "config.yaml").exists()
-    records = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
     assert set(records[-1]["tasks"]) == set(cfg.enabled_tasks())
     ckpts = CheckpointStore(open_storage(cfg.storage_uri)).list_checkpoints()

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from mtssl.data.transforms import network_input, resize, to_tensor
 from mtssl.task_registry import register
-from mtssl.tasks.base import Features, TaskConfig, TaskDef, TaskHead, TaskOutput, TrunkInfo
+from mtssl.tasks.base import Features, TaskConfig, TaskDef, TaskHead, TaskOutput
 from mtssl.validation import require
 
 

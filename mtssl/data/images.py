@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -20,10 +20,6 @@ _WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 _BYTES = (bytes, bytearray, memoryview)
 _GRAY_CHECK_PIXELS = 1 << 18
-# numpy equivalents of PIL's transposes for EXIF orientations 2..8 (verified against ImageOps)
-_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: np.rot90(a, 2), 4: lambda a: a[::-1],
-           5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, 3),
-           7: lambda a: np.rot90(a, 2).swapaxes(0, 1), 8: lambda a: np.rot90(a, 1)}
 
 
 class BadImage(Exception):
@@ -93,16 +89,12 @@ def _decoded(source, *, max_pixels: int, name: str | None):
             yield im, label
 
 
-def _orientation(im: Image.Image) -> int:
+def _upright(im: Image.Image) -> Image.Image:
+    """The decoded image turned as its EXIF orientation says (PIL's own transposes)."""
     try:
-        return int(im.getexif().get(0x0112, 1))
+        return ImageOps.exif_transpose(im)
     except Exception:  # malformed EXIF: show the pixels as stored
-        return 1
-
-
-def _apply_orientation(a: np.ndarray, orientation: int) -> np.ndarray:
-    fix = _ORIENT.get(orientation)
-    return a if fix is None else np.ascontiguousarray(fix(a))
+        return im
 
 
 def _wide_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
@@ -148,7 +140,7 @@ def load_rgb(source: str | os.PathLike | bytes, *, max_pixels: int = 64_000_000,
     Pillow's conversions. Raises BadImage (reasons: empty_file, missing, permission_denied,
     unreadable, not_an_image, decompression_bomb, truncated, corrupt, unsupported_mode)."""
     with _decoded(source, max_pixels=max_pixels, name=name) as (im, label):
-        return _apply_orientation(_pil_to_rgb(im, label), _orientation(im))
+        return _pil_to_rgb(_upright(im), label)
 
 
 def _mask_to_float(m: np.ndarray) -> np.ndarray:
@@ -176,6 +168,7 @@ def load_mask(source: str | os.PathLike | bytes, *, max_pixels: int = 64_000_000
     Palette (P) masks, as in DAVIS 2017, count every non-zero index as foreground; colour masks
     use the brightest channel; 0/1 label images are read as binary."""
     with _decoded(source, max_pixels=max_pixels, name=name) as (im, label):
+        im = _upright(im)
         if im.mode == "P":
             m = np.asarray(im) > 0
         elif im.mode in ("RGB", "RGBA"):
@@ -191,7 +184,7 @@ def load_mask(source: str | os.PathLike | bytes, *, max_pixels: int = 64_000_000
             m = _mask_to_float(m)
         except ValueError as e:
             raise BadImage("bad_values", label, str(e)) from e
-        return _apply_orientation(m, _orientation(im))
+        return m
 
 
 def to_rgb_uint8(a: np.ndarray, *, name: str = "<array>") -> np.ndarray:
@@ -267,37 +260,6 @@ def list_images(root: str | os.PathLike) -> tuple[list[Path], list[tuple[str, st
     return sorted(found), sorted(problems)
 
 
-class SkipLog:
-    """Skipped items, each name recorded once with its first reason."""
-
-    def __init__(self, items=()):
-        self._reasons: dict[str, str] = {}
-        self.update(items)
-
-    def add(self, name: str, reason: str) -> bool:
-        if name in self._reasons:
-            return False
-        self._reasons[name] = reason
-        return True
-
-    def counts(self) -> dict[str, int]:
-        return dict(collections.Counter(self._reasons.values()))
-
-    def items(self) -> list[tuple[str, str]]:
-        return list(self._reasons.items())
-
-    def update(self, other_items) -> None:
-        for name, reason in (other_items.items() if isinstance(other_items, SkipLog)
-                             else other_items):
-            self.add(name, reason)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._reasons
-
-    def __len__(self) -> int:
-        return len(self._reasons)
-
-
 def _unique_names(names, what: str) -> list[str]:
     names = [str(n) for n in names]
     if not names:
@@ -336,41 +298,25 @@ class ImageSource(_Named):
 class FolderImages(ImageSource):
     """Image files under a folder, named by their posix path relative to it.
 
-    Pickles as paths only; the optional LRU cache (`cache_size` decoded images, per process)
-    is not pickled. Unreadable folders are kept in `unreadable` as (path, reason)."""
+    Pickles as paths only (TaskStream keeps the cache of decoded images). Unreadable folders are
+    kept in `unreadable` as (path, reason)."""
 
-    def __init__(self, root: str | os.PathLike, *, cache_size: int = 0,
-                 max_pixels: int = 64_000_000):
+    def __init__(self, root: str | os.PathLike, *, max_pixels: int = 64_000_000):
         self.root = Path(root)
         paths, self.unreadable = list_images(self.root)
         if not paths:
             raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under "
                              f"{self.root}; unreadable: {self.unreadable}")
         self._names = [p.relative_to(self.root).as_posix() for p in paths]
-        self.cache_size, self.max_pixels = int(cache_size), int(max_pixels)
-        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self.max_pixels = int(max_pixels)
 
     def path(self, i: int) -> Path:
         return self.root / self.name(i)
 
     def load(self, i: int) -> np.ndarray:
         i = self._index(i)
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i].copy()
-        rgb = load_rgb(self.root / self._names[i], max_pixels=self.max_pixels,
-                       name=self._names[i])
-        if self.cache_size <= 0:
-            return rgb
-        self._cache[i] = rgb
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return rgb.copy()  # callers may edit in place; the cached copy stays intact
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_cache"] = collections.OrderedDict()
-        return state
+        return load_rgb(self.root / self._names[i], max_pixels=self.max_pixels,
+                        name=self._names[i])
 
 
 class ArrayImages(ImageSource):

@@ -1,7 +1,7 @@
 """Prepared datasets (written by `mtssl prep`) as training sources.
 
 Layout under the dataset's URI (a path, file:// or s3://):
-  manifest.json                     counts, shards (sha256, bytes), colour prior, skipped items
+  manifest.json                     counts, shards (sha256, bytes), skipped items
   images/shard-NNNNNN.tar           `<key>.jpg` + `<key>.json` per image (WebDataset naming)
   images/shard-NNNNNN.json          the shard's index: byte offset and size of every member
   frames/shard-NNNNNN.{tar,json}    `<key>.jpg` + `<key>.mask.png` + `<key>.json` per frame

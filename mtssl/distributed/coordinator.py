@@ -38,10 +38,10 @@ import torch
 
 from mtssl.accounting import SHARED
 from mtssl.config import Config
-from mtssl.distributed.env import RoleEnv
 from mtssl.distributed.protocol import ABORT, CONTINUE, STOP, Layout
 from mtssl.distributed.staleness import StalenessGate
 from mtssl.distributed.transport import PeerLost, connect, disconnect, guarded
+from mtssl.env import RoleEnv
 from mtssl.runlock import RunLock
 from mtssl.train import Round, TrainingError, TrainingRun
 

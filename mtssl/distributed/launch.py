@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from mtssl import env as envvars
 from mtssl.config import Config
-from mtssl.distributed import env as envvars
 from mtssl.distributed.protocol import role_name, task_ranks
 from mtssl.errors import UserError
 from mtssl.procs import pid_alive, start_time

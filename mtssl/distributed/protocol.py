@@ -17,12 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mtssl.config import Config, to_dict
+from mtssl.config import MODEL_SECTIONS, SHARED_DATA_KEYS, Config, to_dict
 
 CONTINUE, STOP, ABORT = 0, 1, 2  # header commands
 HEADER_SLOTS = 8  # float32 slots holding 4 int64 header fields
-# Sections that must agree between coordinator and workers (the model and its samples).
-SHARED_SECTIONS = ("seed", "trunk", "tasks", "lasso", "harmonization")
 
 
 def task_ranks(cfg: Config) -> dict[str, list[int]]:
@@ -89,8 +87,10 @@ class Layout:
         return self.n_params + self.n_buffers + len(self.params)
 
     def fingerprint(self, cfg: Config) -> str:
+        config = to_dict(cfg)
         doc = {"layout": [self.params, self.buffers],
-               "config": {s: to_dict(cfg)[s] for s in SHARED_SECTIONS}}
+               "config": {s: config[s] for s in MODEL_SECTIONS},
+               "data": {k: config["data"][k] for k in SHARED_DATA_KEYS}}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def _spans(self, entries, start: int):

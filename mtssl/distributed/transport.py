@@ -10,8 +10,8 @@ import contextlib
 from datetime import timedelta
 
 from mtssl.config import Config
-from mtssl.distributed.env import RoleEnv
 from mtssl.distributed.protocol import task_ranks, world_size
+from mtssl.env import RoleEnv
 from mtssl.train import TrainingError
 
 

@@ -2,9 +2,10 @@
 
 Each round it receives the task's parameters and buffers from the coordinator, draws its slice
 (`shard=(index, workers)`) of the batch the coordinator names, computes gradients with the
-same `TaskFeed` the single-process trainer runs in-process, and reduces them (summed; the coordinator divides by the worker
-count, so the update uses the mean over the global batch) together with its buffers after the
-forward pass, then reports loss, metrics, samples, skipped items and device-seconds.
+same `TaskFeed` the single-process trainer runs in-process, and reduces them (summed; the
+coordinator divides by the worker count, so the update uses the mean over the global batch)
+together with its buffers after the forward pass, then reports loss, metrics, samples, skipped
+items and device-seconds.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 from mtssl.accounting import DeviceClock, device_type
 from mtssl.config import Config
 from mtssl.data.sources import TaskData
-from mtssl.distributed.env import RoleEnv
 from mtssl.distributed.protocol import CONTINUE, STOP, Layout, role_name, worker_rank
 from mtssl.distributed.transport import connect, disconnect, guarded
+from mtssl.env import RoleEnv
 from mtssl.metrics import Metrics
 from mtssl.models.multitask import MultiTaskNet, build_trunk, trunk_info
 from mtssl.preflight import check_data

@@ -23,8 +23,7 @@ import torch
 import yaml
 
 from mtssl.checkpoint import CheckpointError, CheckpointStore
-from mtssl.config import (ConfigError, TrunkConfig, apply_override, build, load_config,
-                          to_dict)
+from mtssl.config import ConfigError, TrunkConfig, apply_override, build, from_dict, load_config, to_dict
 from mtssl.data.transforms import network_input
 from mtssl.eval import SUITES
 from mtssl.models.lasso import unit_coefficients
@@ -236,10 +235,9 @@ def run_store(run: str) -> CheckpointStore:
         return CheckpointStore(open_storage(run))
     config = path / "config.yaml"
     if config.is_file():
-        data = yaml.safe_load(config.read_text()) or {}
-        storage = (data.get("output") or {}).get("storage")
-        if storage:
-            return CheckpointStore(open_storage(storage.replace("{name}", str(data.get("name")))))
+        cfg = from_dict(yaml.safe_load(config.read_text()) or {})
+        if cfg.output.storage:  # the run's own config says where ('{name}' substituted)
+            return CheckpointStore(open_storage(cfg.storage_uri))
     raise EvalError(f"{run}: not a run directory with checkpoints/ (or with output.storage in its "
                     "config.yaml), and not a storage URI")
 

@@ -28,8 +28,14 @@ from torch import Tensor, nn
 
 from mtssl.data.images import BadImage, load_rgb
 from mtssl.data.transforms import to_tensor
-from mtssl.eval.common import (EvalError, LoadedTrunk, freeze_batch_norm, model_input,
-                               result_header, training_order)
+from mtssl.eval.common import (
+    EvalError,
+    LoadedTrunk,
+    freeze_batch_norm,
+    model_input,
+    result_header,
+    training_order,
+)
 from mtssl.eval.metrics import detection_map
 from mtssl.models.lasso import TapMix
 from mtssl.models.resnet_v2 import PreActBottleneck, norm_layer, scaled

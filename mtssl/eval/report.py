@@ -20,9 +20,18 @@ import numpy as np
 
 from mtssl.checkpoint import CheckpointError
 from mtssl.config import TrunkConfig, build
-from mtssl.eval.common import (HOURS_LABELS, SUITES, EvalError, load_entry, newest_entry,
-                               random_trunk, run_store, run_suite, settings_digest,
-                               suite_settings)
+from mtssl.eval.common import (
+    HOURS_LABELS,
+    SUITES,
+    EvalError,
+    load_entry,
+    newest_entry,
+    random_trunk,
+    run_store,
+    run_suite,
+    settings_digest,
+    suite_settings,
+)
 from mtssl.storage import NotFound
 
 SUITE_TITLES = {"imagenet": "ImageNet-style linear probe", "pascal": "PASCAL VOC detection",
@@ -310,10 +319,10 @@ def render(records: list[dict], out: Path, *, last_keys: set[str], unusable: lis
     if {"naive", "lasso"} <= modes:
         rows = lasso_table(records, last_keys)
         parts += ["<h2>Lasso table (last checkpoint of each run, %)</h2>",
-                  table_html(["", *[c[2] for c in TABLE_COLUMNS]], [[l, *v] for l, v in rows]),
+                  table_html(["", *[c[2] for c in TABLE_COLUMNS]], [[label, *v] for label, v in rows]),
                   "<p>The paper (four tasks, 16.8K GPU-hours; ImageNet, VOC2007, NYU v2):</p>",
                   table_html(["", *[c[2] for c in TABLE_COLUMNS]],
-                             [[l, *v] for l, v in PAPER_LASSO.items()])]
+                             [[label, *v] for label, v in PAPER_LASSO.items()])]
     page = out / "index.html"
     page.write_text("<!doctype html><html><head><meta charset='utf-8'><title>mtssl transfer "
                     "report</title><style>body{font-family:sans-serif;max-width:70em;margin:auto}"

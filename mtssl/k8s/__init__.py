@@ -9,5 +9,6 @@ CPU_IMAGE = f"mtssl-cpu:{__version__}"
 GPU_IMAGE = f"mtssl-cuda:{__version__}"
 # The run layouts `mtssl launch --k8s --api` creates: Kubeflow Trainer v2 (a TrainJob and its
 # TrainingRuntime) or Training Operator v1 (a Job and one PyTorchJob per task).
+S3_SECRET = "mtssl-s3"  # default name of the Secret holding the S3 settings (mtssl.env.S3_VARS)
 TRAINJOB, PYTORCHJOB = "trainjob", "pytorchjob"
 APIS = (TRAINJOB, PYTORCHJOB)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from mtssl import env as envvars
 from mtssl.config import Config, to_dict
-from mtssl.distributed import env as envvars
 from mtssl.distributed.launch import Role, roles
-from mtssl.k8s import APIS, CPU_IMAGE, GPU_IMAGE, TRAINJOB
+from mtssl.k8s import APIS, CPU_IMAGE, GPU_IMAGE, S3_SECRET, TRAINJOB
 from mtssl.validation import ConfigError
 
 APP = "mtssl"
@@ -41,11 +41,9 @@ LABEL_NAME, LABEL_RUN, LABEL_ROLE, LABEL_TASK = (
 # Kubeflow profile namespaces inject Istio sidecars; a sidecar would hold a finished Job's pod
 # open and sit between gloo peers, so training pods opt out.
 POD_LABELS = {"sidecar.istio.io/inject": "false"}
-# Secret key -> environment variable read by mtssl.storage; optional keys may be absent.
-S3_SECRET_KEYS = {"endpoint": "MTSSL_S3_ENDPOINT", "access-key": "MTSSL_S3_ACCESS_KEY",
-                  "secret-key": "MTSSL_S3_SECRET_KEY", "secure": "MTSSL_S3_SECURE",
-                  "region": "MTSSL_S3_REGION"}
-S3_OPTIONAL = ("secure", "region")
+# Secret key -> environment variable (owned by mtssl.env); optional keys may be absent.
+S3_SECRET_KEYS = {key: envvars.S3_VARS[key] for key in envvars.S3_SECRET_KEYS}
+S3_OPTIONAL = envvars.S3_OPTIONAL
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 # Pod host names and the v1 operator's worker Services ('mtssl-<run>-motion-segmentation-...')
 # must fit 63 characters: with the longest task name that leaves 24 for the run.
@@ -77,7 +75,7 @@ class RunSpec:
     namespace: str | None = None
     worker: Resources = field(default_factory=Resources)
     coordinator: Resources = field(default_factory=Resources)
-    s3_secret: str = "mtssl-s3"
+    s3_secret: str = S3_SECRET
     data_claim: str | None = None
     queue: str | None = None  # Kueue LocalQueue that admits the TrainJob as one workload
     max_restarts: int = 6  # trainjob: whole-run restarts (each resumes the latest checkpoint)

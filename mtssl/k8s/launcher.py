@@ -17,8 +17,7 @@ from typing import Callable, TextIO
 
 from mtssl.k8s import PYTORCHJOB, TRAINJOB, builders
 from mtssl.k8s.builders import CUSTOM, RunSpec
-from mtssl.k8s.status import (RunStatus, job_state, pytorchjob_run_status, trainjob_run_status,
-                              trainjob_state)
+from mtssl.k8s.status import RunStatus, job_state, pytorchjob_run_status, trainjob_run_status, trainjob_state
 
 # per layout: the object whose state is the run's, and the kinds --cancel deletes
 PRIMARY = {TRAINJOB: "TrainJob", PYTORCHJOB: "Job"}

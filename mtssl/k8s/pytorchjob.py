@@ -12,9 +12,19 @@ Service, and one PyTorchJob per task, on the same pod templates as the Trainer v
 
 from __future__ import annotations
 
-from mtssl.k8s.builders import (CUSTOM, LABEL_ROLE, LABEL_RUN, METRICS_PORT, RunSpec,
-                                config_map, coordinator_name, job_name, labels, meta,
-                                pod_template)
+from mtssl.k8s.builders import (
+    CUSTOM,
+    LABEL_ROLE,
+    LABEL_RUN,
+    METRICS_PORT,
+    RunSpec,
+    config_map,
+    coordinator_name,
+    job_name,
+    labels,
+    meta,
+    pod_template,
+)
 
 WORKER_CONTAINER = "pytorch"  # the training operator injects its env into this container name
 REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"

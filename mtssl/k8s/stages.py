@@ -161,7 +161,7 @@ def plan_evaluations(items: list[dict], eval_sets: list[str], data: dict[str, st
 
 
 def evaluate(*, item: dict, settings: str, out_dir: str) -> dict:
-    """A plan item's suite on its checkpoint, saved as an `mtssl report` results.json in
+    """A plan item's suite on its checkpoint, saved as an `mtssl report transfer` results.json in
     `out_dir`, so the report stage reuses it instead of evaluating again. Returns the metrics."""
     from pathlib import Path
 
@@ -193,7 +193,7 @@ def evaluate(*, item: dict, settings: str, out_dir: str) -> dict:
 
 def report(*, storage: str, suites: dict[str, str], settings: str, results_dirs: list[str],
            out_dir: str, random_baseline: bool):
-    """`mtssl report` of the run into `out_dir`, after merging the evaluation stages' results
+    """`mtssl report transfer` of the run into `out_dir`, after merging the evaluation stages' results
     so that it evaluates nothing twice. Returns index.html's path (None without suites)."""
     from pathlib import Path
 

@@ -16,8 +16,7 @@ instead of spending restarts on it.
 
 from __future__ import annotations
 
-from mtssl.k8s.builders import (CUSTOM, RunSpec, config_map, labels, meta, pod_template,
-                                trainjob_name)
+from mtssl.k8s.builders import CUSTOM, RunSpec, config_map, labels, meta, pod_template, trainjob_name
 
 COORDINATOR = "coordinator"  # replicated job and container name of the coordinator
 WORKER = "worker"  # container name of every task's workers

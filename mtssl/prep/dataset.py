@@ -19,13 +19,19 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlparse
 
-import numpy as np
-
 from mtssl.config import to_dict
 from mtssl.data.shards import DATASET_FORMAT, MANIFEST, VERSION, read_manifest
 from mtssl.prep.options import RUN_SETTINGS, PrepConfig, fingerprint
-from mtssl.prep.shards import (ItemResult, PrepError, ShardWriter, Stats, completed_shards,
-                               clean_stale_temps, input_line, temp_folder)
+from mtssl.prep.shards import (
+    ItemResult,
+    PrepError,
+    ShardWriter,
+    Stats,
+    clean_stale_temps,
+    completed_shards,
+    input_line,
+    temp_folder,
+)
 from mtssl.prep.walk import Item, WalkReport, walk
 from mtssl.storage import LocalStorage, Storage, open_storage
 from mtssl.validation import ConfigError
@@ -249,20 +255,6 @@ def prepare(cfg: PrepConfig, *, overwrite: bool = False) -> dict:
     return manifest
 
 
-def prior_entry(counts: np.ndarray | None) -> dict | None:
-    """The manifest's colour prior from (Q,) ab-bin counts (prep-merge: the summed counts)."""
-    if counts is None:
-        return None
-    import torch
-
-    from mtssl.colour import ab_bins, smoothed_prior
-    bins = ab_bins()
-    prior = smoothed_prior(torch.from_numpy(counts), bins, sigma=5.0)
-    return {"grid": 10, "extent": 110, "bins": int(bins.shape[0]), "pixels": int(counts.sum()),
-            "counts": counts.tolist(), "smoothed_sigma": 5.0,
-            "prior": [round(float(p), 9) for p in prior]}
-
-
 def build_manifest(cfg: PrepConfig, fp: str, images: StreamResult, frames: StreamResult,
                    report: WalkReport) -> dict:
     skipped = [list(p) for p in report.problems] + images.stats.skipped + frames.stats.skipped
@@ -279,7 +271,6 @@ def build_manifest(cfg: PrepConfig, fp: str, images: StreamResult, frames: Strea
                              "dropped": {k.split(":", 1)[1]: v for k, v in sorted(masks.items())
                                          if k.startswith("dropped:")}},
                    "shards": frames.shards},
-        "colour_prior": prior_entry(images.stats.prior),
         "skipped": {"count": len(skipped),
                     "by_reason": dict(sorted(collections.Counter(s[1] for s in skipped).items())),
                     "items": skipped},

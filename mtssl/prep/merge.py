@@ -3,10 +3,10 @@
 Nothing is copied: each partition's shards stay where its prep wrote them
 (`images/part-K-of-N/shard-*.tar`, ...) and the merged manifest.json names them all, after
 checking every shard's sha256 and size against its partition's manifest. Counts, skipped items
-and mask tallies are summed, and the colour prior is rebuilt from the summed bin counts, so the
-manifest describes the same items a one-run prep of the input would hold (shards and samples
-are ordered by partition, not by input path). manifest.json is written last and only when every
-partition checks out; a failed merge leaves whatever was there before.
+and mask tallies are summed, so the manifest describes the same items a one-run prep of the
+input would hold (shards and samples are ordered by partition, not by input path).
+manifest.json is written last and only when every partition checks out; a failed merge leaves
+whatever was there before.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import collections
 import json
 import re
 
-import numpy as np
-
 from mtssl.data.shards import MANIFEST, read_manifest
-from mtssl.prep.dataset import PARTITIONS, part_name, prior_entry
+from mtssl.prep.dataset import PARTITIONS, part_name
 from mtssl.prep.shards import PrepError
 from mtssl.storage import NotFound, Storage, open_storage
 
@@ -78,8 +76,6 @@ def merge(uri: str) -> dict:
                             "options than partition 1; prepare it again with the same ones")
     for p in parts:
         _check_shards(storage, p)
-    priors = [np.asarray(p["colour_prior"]["counts"], np.int64) for p in parts
-              if p["colour_prior"] is not None]
     dropped: collections.Counter = collections.Counter()
     for p in parts:
         dropped.update(p["frames"]["masks"]["dropped"])
@@ -94,7 +90,6 @@ def merge(uri: str) -> dict:
                    "masks": {"kept": sum(p["frames"]["masks"]["kept"] for p in parts),
                              "dropped": dict(sorted(dropped.items()))},
                    "shards": [s for p in parts for s in p["frames"]["shards"]]},
-        "colour_prior": prior_entry(sum(priors)) if priors else None,
         "skipped": {"count": len(skipped),
                     "by_reason": dict(sorted(collections.Counter(s[1] for s in skipped).items())),
                     "items": skipped},

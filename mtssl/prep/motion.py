@@ -126,7 +126,8 @@ def motion_score(frames: Sequence[np.ndarray], index: int, *, offsets: Sequence[
     index %= n
     steps = sorted({min(max(index + o, 0), n - 1) - index for o in offsets} - {0})
     if not steps:
-        raise ValueError(f"no neighbour frame for index {index} with offsets {tuple(offsets)} in a clip of {n}")
+        raise ValueError(f"no neighbour frame for index {index} with offsets {tuple(offsets)} "
+                         f"in a clip of {n}")
     _check_frame(frames[index], f"frames[{index}]")
     cur = _resize_long(frames[index], work_size)
     by_dir: dict[bool, list[np.ndarray]] = {}
@@ -134,7 +135,8 @@ def motion_score(frames: Sequence[np.ndarray], index: int, *, offsets: Sequence[
         nb = frames[index + s]
         _check_frame(nb, f"frames[{index + s}]")
         if nb.shape != frames[index].shape:
-            raise ValueError(f"frames[{index + s}] has shape {nb.shape}, frames[{index}] {frames[index].shape}")
+            raise ValueError(f"frames[{index + s}] has shape {nb.shape}, "
+                             f"frames[{index}] {frames[index].shape}")
         by_dir.setdefault(s > 0, []).append(
             residual_speed(cur, _resize_long(nb, work_size), s, method=method, preset=preset))
     # Forward/backward consistency: a moving object leaves residual motion in both directions,

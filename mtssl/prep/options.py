@@ -38,7 +38,6 @@ class PrepConfig:
     max_pixels: int = _opt(64_000_000, "larger images are skipped as decompression bombs")
     shard_mb: float = _opt(256.0, "a shard is closed once its tar reaches this many MiB")
     shard_max_items: int = _opt(10_000, "... or once it holds this many samples")
-    prior_pixels: int = _opt(4096, "pixels per colour image counted for the colorization prior")
     frames_per_video: int = _opt(16, "frames sampled, evenly spaced, per video or frame folder")
     frame_gap: int = _opt(2, "motion of frame t is measured against frames t-gap and t+gap")
     frame_short_side: int = _opt(240, "frames and their masks are stored at this short side")
@@ -69,7 +68,6 @@ class PrepConfig:
         require(self.shard_mb > 0, "shard_mb", f"must be > 0, got {self.shard_mb}")
         require(self.shard_max_items >= 1, "shard_max_items",
                 f"must be >= 1, got {self.shard_max_items}")
-        require(self.prior_pixels >= 1, "prior_pixels", f"must be >= 1, got {self.prior_pixels}")
         require(self.frames_per_video >= 1, "frames_per_video",
                 f"must be >= 1, got {self.frames_per_video}")
         require(self.frame_gap >= 1, "frame_gap", f"must be >= 1, got {self.frame_gap}")
@@ -125,4 +123,7 @@ def fingerprint(cfg: PrepConfig) -> str:
     """sha256 over the options that shape the output (short hex)."""
     shaping = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                if f.name not in RUNTIME_ONLY}
+    # A retired option (the colour prior prep no longer writes), at its old default: datasets
+    # prepared before keep their fingerprint, so their preps still resume and merge.
+    shaping["prior_pixels"] = 4096
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,9 +1,9 @@
-"""One input image -> one prepared sample: decode robustly, resize, re-encode, count its colours
-for the colorization prior. Also the helpers frame/mask samples share (keys, encoding)."""
+"""One input image -> one prepared sample: decode robustly, resize, re-encode. Also the helpers
+frame/mask samples share (keys, encoding). (The colorization prior is measured by the task on
+its own targets before step 0, not here.)"""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -13,7 +13,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from mtssl.data.images import BadImage, os_error_reason, is_grayscale, load_rgb
+from mtssl.data.images import BadImage, is_grayscale, load_rgb, os_error_reason
 from mtssl.prep.options import PrepConfig
 from mtssl.prep.shards import ItemResult, Sample
 from mtssl.prep.walk import Item
@@ -56,31 +56,6 @@ def meta_json(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True).encode()
 
 
-@functools.lru_cache(maxsize=1)
-def _bins():
-    """(bins (Q, 2), nearest-bin encoder) built once per process."""
-    from mtssl.colour import SoftEncoder, ab_bins
-    bins = ab_bins()
-    return bins, SoftEncoder(bins=bins, k=1)
-
-
-def num_bins() -> int:
-    return int(_bins()[0].shape[0])
-
-
-def colour_counts(rgb: np.ndarray, pixels: int) -> np.ndarray:
-    """(Q,) int64 counts of the nearest ab bin over about `pixels` pixels on a regular grid."""
-    import torch
-
-    from mtssl.colour import bin_histogram, rgb_to_lab
-    bins, encoder = _bins()
-    h, w = rgb.shape[:2]
-    step = max(1, int(np.ceil(np.sqrt(h * w / pixels))))
-    sub = torch.from_numpy(np.ascontiguousarray(rgb[::step, ::step])).float() / 255  # (h', w', 3)
-    ab = rgb_to_lab(sub, dim=-1)[..., 1:].permute(2, 0, 1)  # (2, h', w')
-    return bin_histogram(encoder.nearest(ab), bins.shape[0]).numpy()
-
-
 def read_bytes(item: Item) -> bytes:
     try:
         return item.path.read_bytes()
@@ -100,10 +75,9 @@ def prepare_image(item: Item, cfg: PrepConfig) -> ItemResult:
         return ItemResult(skipped=[(item.rel, "too_small",
                                     f"{w}x{h}, short side below min_side={cfg.min_side}")])
     jpg = encode_jpeg(resize_short(rgb, cfg.short_side), cfg.jpeg_quality)
-    prepared = load_rgb(jpg)  # the prior is measured on exactly what training will decode
+    prepared = load_rgb(jpg)  # sizes and the grayscale count of exactly what training decodes
     meta = {"source": item.rel, "source_sha256": hashlib.sha256(data).hexdigest(),
             "source_size": [w, h], "size": [prepared.shape[1], prepared.shape[0]]}
     gray = is_grayscale(prepared)
     return ItemResult(samples=[Sample(sample_key(item.rel), {"jpg": jpg, "json": meta_json(meta)})],
-                      prior=None if gray else colour_counts(prepared, cfg.prior_pixels),
                       grayscale=int(gray))

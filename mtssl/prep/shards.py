@@ -19,8 +19,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from mtssl.data.shards import INDEX_FORMAT, VERSION, parse_index
 from mtssl.procs import pid_alive
 from mtssl.storage import LocalStorage, Storage
@@ -46,7 +44,6 @@ class ItemResult:
     """What one input item (an image, a video, a frame folder) turned into."""
     samples: list[Sample] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (name, reason, detail)
-    prior: np.ndarray | None = None  # (Q,) int64 colour-bin counts of a colour image
     grayscale: int = 0
     masks: collections.Counter = field(default_factory=collections.Counter)  # kept / dropped:*
 
@@ -57,7 +54,6 @@ class Stats:
     items: int = 0
     samples: int = 0
     skipped: list[list[str]] = field(default_factory=list)
-    prior: np.ndarray | None = None
     grayscale: int = 0
     masks: collections.Counter = field(default_factory=collections.Counter)
 
@@ -65,8 +61,6 @@ class Stats:
         self.items += 1
         self.samples += len(r.samples)
         self.skipped.extend([list(s) for s in r.skipped])
-        if r.prior is not None:
-            self.prior = r.prior.copy() if self.prior is None else self.prior + r.prior
         self.grayscale += r.grayscale
         self.masks.update(r.masks)
 
@@ -74,20 +68,17 @@ class Stats:
         self.items += other.items
         self.samples += other.samples
         self.skipped.extend(other.skipped)
-        if other.prior is not None:
-            self.prior = other.prior.copy() if self.prior is None else self.prior + other.prior
         self.grayscale += other.grayscale
         self.masks.update(other.masks)
 
     def to_json(self) -> dict:
         return {"items": self.items, "samples": self.samples, "skipped": self.skipped,
-                "prior": None if self.prior is None else self.prior.tolist(),
                 "grayscale": self.grayscale, "masks": dict(sorted(self.masks.items()))}
 
     @classmethod
     def from_json(cls, d: dict) -> Stats:
-        prior = None if d["prior"] is None else np.asarray(d["prior"], dtype=np.int64)
-        return cls(items=d["items"], samples=d["samples"], skipped=d["skipped"], prior=prior,
+        # A state written before the colour prior was dropped still has "prior": ignored.
+        return cls(items=d["items"], samples=d["samples"], skipped=d["skipped"],
                    grayscale=d["grayscale"], masks=collections.Counter(d["masks"]))
 
 

@@ -15,8 +15,7 @@ import numpy as np
 
 from mtssl.data.images import BadImage, load_rgb
 from mtssl.prep.options import PrepConfig
-from mtssl.prep.samples import (encode_jpeg, encode_mask, meta_json, read_bytes, resize_short,
-                                sample_key)
+from mtssl.prep.samples import encode_jpeg, encode_mask, meta_json, read_bytes, resize_short, sample_key
 from mtssl.prep.shards import ItemResult, Sample
 from mtssl.prep.walk import Item
 

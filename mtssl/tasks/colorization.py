@@ -18,16 +18,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtssl.colour import (SoftEncoder, ab_bins, annealed_mean, bin_histogram, lab_to_rgb,
-                          rebalance_weights, rgb_to_lab, smoothed_prior)
-from mtssl.validation import require
+from mtssl.colour import (
+    SoftEncoder,
+    ab_bins,
+    annealed_mean,
+    bin_histogram,
+    lab_to_rgb,
+    rebalance_weights,
+    rgb_to_lab,
+    smoothed_prior,
+)
 from mtssl.data.images import is_grayscale
 from mtssl.data.transforms import random_crop, resize, to_tensor
 from mtssl.figures import display, save_grid
 from mtssl.models.resnet_v2 import norm_layer, scaled
 from mtssl.precision import full_precision
-from mtssl.tasks.base import (Features, SkipSample, TaskConfig, TaskDef, TaskHead, TaskOutput,
-                              TrunkInfo, feature_size)
+from mtssl.tasks.base import (
+    Features,
+    SkipSample,
+    TaskConfig,
+    TaskDef,
+    TaskHead,
+    TaskOutput,
+    TrunkInfo,
+    feature_size,
+)
+from mtssl.validation import require
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtssl.validation import require
 from mtssl.data.transforms import network_input, resize, to_tensor
 from mtssl.models.heads import patch_tower
 from mtssl.tasks.base import Features, SkipSample, TaskConfig, TaskDef, TaskHead, TaskOutput
-
+from mtssl.validation import require
 
 COLLAPSED_SPREAD = 0.1  # below this, images are indistinguishable at the triplet margin's scale
 

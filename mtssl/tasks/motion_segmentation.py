@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtssl.validation import require
 from mtssl.data.transforms import network_input, resize, to_tensor
 from mtssl.figures import display, save_grid
 from mtssl.models.resnet_v2 import norm_layer, scaled
 from mtssl.tasks.base import Features, SkipSample, TaskConfig, TaskDef, TaskHead, TaskOutput
+from mtssl.validation import require
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtssl.validation import require
 from mtssl.data.transforms import network_input, resize, to_tensor
 from mtssl.models.heads import patch_tower
 from mtssl.models.resnet_v2 import scaled
-from mtssl.tasks.base import (Features, SkipSample, TaskConfig, TaskDef, TaskHead, TaskOutput,
-                              TrunkInfo, feature_size)
+from mtssl.tasks.base import (
+    Features,
+    SkipSample,
+    TaskConfig,
+    TaskDef,
+    TaskHead,
+    TaskOutput,
+    TrunkInfo,
+    feature_size,
+)
+from mtssl.validation import require
 
 # The 8 neighbours of the centre cell, in label order: (row, col) offsets.
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))

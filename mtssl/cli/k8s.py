@@ -1,7 +1,7 @@
-"""`mtssl launch --k8s`: the Kubernetes half of the launch command.
+"""`mtssl launch --k8s`: the Kubernetes options of the launch command and their handler.
 
-`mtssl.distributed.commands` owns `launch`; it adds these options with `add_k8s_arguments`
-and hands `--k8s` to `run_k8s`. Imports here stay light: `mtssl --help` builds this parser.
+`mtssl.cli.launch` defines `launch`; it adds these options with `add_k8s_arguments` and hands
+`--k8s` to `run_k8s`. Imports here stay light: `mtssl --help` builds this parser.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ Launching a run that exists resumes it (from its latest checkpoint) instead of d
 
 
 def add_k8s_arguments(p: argparse.ArgumentParser) -> None:
-    from mtssl.k8s import APIS, CPU_IMAGE, GPU_IMAGE, TRAINJOB
+    from mtssl.k8s import APIS, CPU_IMAGE, GPU_IMAGE, S3_SECRET, TRAINJOB
     g = p.add_argument_group("Kubernetes (--k8s)")
     g.add_argument("--k8s", action="store_true",
                    help="run the coordinator and every task's workers on a cluster")
@@ -42,7 +42,7 @@ def add_k8s_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-image", default=GPU_IMAGE,
                    help=f"image of GPU workers (default: {GPU_IMAGE})")
     g.add_argument("--queue", help="Kueue LocalQueue admitting the TrainJob as one workload")
-    g.add_argument("--s3-secret", default="mtssl-s3",
+    g.add_argument("--s3-secret", default=S3_SECRET,
                    help="Secret with keys endpoint, access-key, secret-key[, secure, region]")
     g.add_argument("--data-claim", help="PersistentVolumeClaim mounted read-only at /data")
     action = g.add_mutually_exclusive_group()
@@ -84,7 +84,7 @@ def kube_api_client(context: str | None):
 
 
 def run_k8s(args: argparse.Namespace) -> int:
-    from mtssl.k8s.launcher import LaunchError, Launcher
+    from mtssl.k8s.launcher import Launcher, LaunchError
     from mtssl.k8s.profiles import run_spec
     from mtssl.validation import ConfigError
     if getattr(args, "out", None):

@@ -12,17 +12,22 @@ Pods get these from their spec; `mtssl launch --local` sets them for the process
 - MTSSL_METRICS_PORT: Prometheus port of this process (0 = off). Default: config metrics.port.
 - MTSSL_DEVICE: a worker's device, overriding config device (auto | cpu | cuda | cuda:N);
   the coordinator keeps its state in host memory.
-The S3 variables (MTSSL_S3_*) belong to mtssl.storage.
+- MTSSL_S3_ENDPOINT, MTSSL_S3_ACCESS_KEY, MTSSL_S3_SECRET_KEY, MTSSL_S3_SECURE,
+  MTSSL_S3_REGION, MTSSL_S3_RETRY_S: how to reach S3 (S3_VARS; mtssl.storage validates them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mtssl.config import Config
 from mtssl.validation import ConfigError
+
+if TYPE_CHECKING:  # only a type here: config.py imports this module (low in the order)
+    from mtssl.config import Config
 
 ADDR = "MTSSL_COORDINATOR_ADDR"
 PORT = "MTSSL_COORDINATOR_PORT"
@@ -32,6 +37,14 @@ RUN = "MTSSL_RUN"
 METRICS_PORT = "MTSSL_METRICS_PORT"
 DEVICE = "MTSSL_DEVICE"
 DEFAULT_ADDR = "127.0.0.1"
+# The S3 settings: short name (also the key in the pods' Secret) -> variable. Pods get the
+# first five from the Secret (k8s.builders, the pipeline); S3_OPTIONAL may be absent from it.
+S3_VARS = {"endpoint": "MTSSL_S3_ENDPOINT", "access-key": "MTSSL_S3_ACCESS_KEY",
+           "secret-key": "MTSSL_S3_SECRET_KEY", "secure": "MTSSL_S3_SECURE",
+           "region": "MTSSL_S3_REGION", "retry-s": "MTSSL_S3_RETRY_S"}
+S3_SECRET_KEYS = ("endpoint", "access-key", "secret-key", "secure", "region")
+S3_OPTIONAL = ("secure", "region")
+DEVICES = "auto, cpu, cuda or cuda:N"
 
 
 class EnvError(ConfigError):
@@ -74,22 +87,33 @@ def metrics_port(cfg: Config, environ: Mapping[str, str] = os.environ) -> int:
     return _int(environ, METRICS_PORT, cfg.metrics.port, 0, 65535)
 
 
+def valid_device(name: str) -> bool:
+    """The one check of a device name (config `device`, MTSSL_DEVICE, `--device`)."""
+    return name in ("auto", "cpu") or name.startswith("cuda")
+
+
 def device(cfg: Config, environ: Mapping[str, str] = os.environ) -> str:
     name = environ.get(DEVICE, "").strip() or cfg.device
-    if not (name in ("auto", "cpu") or name.startswith("cuda")):
-        raise EnvError(DEVICE, f"must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not valid_device(name):
+        raise EnvError(DEVICE, f"must be {DEVICES}, got {name!r}")
     return name
+
+
+def s3_variables(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The S3 settings that are set, by short name (S3_VARS), values as written."""
+    env = os.environ if environ is None else environ
+    return {key: env[var] for key, var in S3_VARS.items() if var in env}
 
 
 def role_env(cfg: Config, *, task: str | None = None, index: int | None = None,
              worker: bool = False, environ: Mapping[str, str] = os.environ) -> RoleEnv:
     """The coordinator's (worker=False) or a worker's view; CLI flags win over variables."""
-    common = dict(addr=environ.get(ADDR, "").strip() or DEFAULT_ADDR,
-                  port=_int(environ, PORT, cfg.distributed.port, 1, 65535),
-                  run=run_name(cfg, environ), metrics_port=metrics_port(cfg, environ),
-                  device=device(cfg, environ))
+    common = RoleEnv(addr=environ.get(ADDR, "").strip() or DEFAULT_ADDR,
+                     port=_int(environ, PORT, cfg.distributed.port, 1, 65535),
+                     run=run_name(cfg, environ), metrics_port=metrics_port(cfg, environ),
+                     device=device(cfg, environ))
     if not worker:
-        return RoleEnv(**common)
+        return common
     task = task or environ.get(TASK, "").strip()
     enabled = cfg.enabled_tasks()
     if not task:
@@ -104,7 +128,7 @@ def role_env(cfg: Config, *, task: str | None = None, index: int | None = None,
         index = _int(environ, INDEX, 0, 0, workers - 1)
     elif not 0 <= index < workers:
         raise EnvError(INDEX, f"index {index} out of range: task {task!r} has {workers} workers")
-    return RoleEnv(**common, task=task, index=index)
+    return dataclasses.replace(common, task=task, index=index)
 
 
 def child_environment(*, addr: str, port: int, run: str, metrics: int,

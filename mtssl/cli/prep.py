@@ -36,8 +36,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "prep", help="prepare images and videos into shards (+ motion masks) for training",
         description="Resize and re-encode a folder tree of images, sample frames of its videos "
                     "and frame folders with motion masks, and write tar shards (WebDataset "
-                    "naming, JSON index per shard) plus a manifest (counts, sha256, colour "
-                    "prior, skipped items) to a path or s3:// URI.",
+                    "naming, JSON index per shard) plus a manifest (counts, sha256, skipped "
+                    "items) to a path or s3:// URI.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="folder of images, videos (mp4/avi/webm/mov) and frame folders")
     p.add_argument("output", help="path, file:// or s3://bucket/prefix for the prepared dataset")
@@ -56,7 +56,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "prep-merge", help="join the partitions of `mtssl prep --partition K/N` into one dataset",
         description="Check every shard of the N partitions prepared in OUTPUT against its "
                     "partition's manifest and write OUTPUT's manifest.json naming them all "
-                    "(summed counts, skipped items, colour prior); nothing is copied.",
+                    "(summed counts and skipped items); nothing is copied.",
         epilog="example:\n  for k in 1 2 3 4; do mtssl prep /data/raw /data/prepared "
                "--partition $k/4; done\n  mtssl prep-merge /data/prepared",
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,4 @@
-"""`mtssl eval` and `mtssl report`: transfer evaluation of checkpoints and the GPU-hour report."""
+"""`mtssl eval` and `mtssl report transfer`: transfer evaluation of checkpoints, GPU-hour report."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from mtssl.cli.common import add_set_arg
 from mtssl.eval import SUITES
 
 DEFAULT_CACHE = Path("~/.cache/mtssl/eval-features")
@@ -24,11 +25,12 @@ suites: imagenet (ImageFolder train/ + val/ or test/: linear probe on the frozen
   e.g. --set epochs=10 --set lasso=true (eval-only lasso).
 """
 
-REPORT_EPILOG = """examples:
-  mtssl report runs/quickstart --suite imagenet=../shared/data/caltech10
-  mtssl report runs/naive runs/lasso --suite imagenet=/data/imagenet --suite pascal=/data/VOC2007 \\
+TRANSFER_EPILOG = """examples:
+  mtssl report transfer runs/quickstart --suite imagenet=../shared/data/caltech10
+  mtssl report transfer runs/naive runs/lasso --suite imagenet=/data/imagenet \\
+      --suite pascal=/data/VOC2007 \\
       --suite nyu=/data/nyu --settings paper --out reports/lasso
-  mtssl report s3://bucket/run --suite imagenet=DATA --set imagenet.epochs=5
+  mtssl report transfer s3://bucket/run --suite imagenet=DATA --set imagenet.epochs=5
 
 Re-running with the same --out skips every evaluation already in its results.json.
 """
@@ -49,34 +51,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="config (built-in name or YAML) whose trunk section is the architecture: "
                         "required with --init random; with --checkpoint, checked against it")
     p.add_argument("--data", required=True, help="the suite's data folder")
-    add_common(p)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one suite setting, e.g. --set epochs=10; repeatable")
+    add_eval_args(p)
+    add_set_arg(p, "suite setting", "epochs=10")
     p.add_argument("--out", help="also write the result as JSON to this file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("report", help="evaluate a run's milestones and write the transfer report",
+
+def add_transfer(sub: argparse._SubParsersAction) -> None:
+    """`mtssl report transfer`, added to `report`'s subcommands by mtssl.cli.report."""
+    p = sub.add_parser("transfer", help="evaluate runs' milestones; the transfer report",
                        description="Evaluate every milestone checkpoint of each run (its newest "
                                    "checkpoint if it has none) and a random-init trunk on the "
                                    "given suites, skipping what is done, then write "
                                    "results.{json,csv}, metric-vs-GPU-hours plots, the lasso "
                                    "alpha heatmap, the lasso table (runs with and without lasso "
                                    "given) and index.html.",
-                       epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=TRANSFER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN",
                    help="run directory or storage URI of a pre-training run")
     p.add_argument("--suite", dest="suites", action="append", default=[], required=True,
                    metavar="SUITE=DATA", help=f"a suite ({', '.join(SUITES)}) and its data")
-    add_common(p)
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SUITE.KEY=VALUE", help="override a suite setting, e.g. "
-                                                   "--set imagenet.epochs=5; repeatable")
+    add_eval_args(p)
+    add_set_arg(p, "suite setting (SUITE.KEY)", "imagenet.epochs=5")
     p.add_argument("--out", help="report folder (default: <first run>/eval-report)")
     p.add_argument("--no-random", action="store_true", help="skip the random-init baseline")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=cmd_transfer)
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
+def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", choices=("smoke", "paper"), default="smoke",
                    help="smoke: small and quick, for tests and CPUs; paper: the documented "
                         "full-size settings for a GPU (default: smoke)")
@@ -91,8 +93,14 @@ def cache_dir(args) -> Path | None:
 
 
 def cmd_eval(args) -> int:
-    from mtssl.eval.common import (EvalError, arch_from_config, load_trunk, random_trunk,
-                                   run_suite, suite_settings)
+    from mtssl.eval.common import (
+        EvalError,
+        arch_from_config,
+        load_trunk,
+        random_trunk,
+        run_suite,
+        suite_settings,
+    )
     from mtssl.train import resolve_device
     settings = suite_settings(args.suite, args.settings, args.overrides)
     try:
@@ -143,12 +151,12 @@ def parse_pairs(items: list[str], what: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def cmd_report(args) -> int:
+def cmd_transfer(args) -> int:
     from mtssl.config import ConfigError
     from mtssl.eval.common import EvalError
     from mtssl.eval.report import write_report
     from mtssl.train import resolve_device
-    suites = dict(parse_pairs(args.suites, "--suite"))
+    suites: dict[str, str | Path] = dict(parse_pairs(args.suites, "--suite"))
     overrides: dict[str, list[str]] = {}
     for key, value in parse_pairs(args.overrides, "--set"):
         suite, dot, rest = key.partition(".")
@@ -164,7 +172,7 @@ def cmd_report(args) -> int:
                             overrides=overrides, device=resolve_device(args.device),
                             cache_dir=cache_dir(args), random_baseline=not args.no_random)
     except EvalError as err:
-        print(f"mtssl: report: {err}", file=sys.stderr)
+        print(f"mtssl: report transfer: {err}", file=sys.stderr)
         return 1
     print(f"report: {page}")
     return 0
