@@ -10,6 +10,7 @@ are skipped with a reason, reported once per item, and the sample is redrawn.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,9 +19,20 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtssl.data.images import BadImage
-from mtssl.tasks.base import Sampler, SkipSample
 
 MAX_REDRAWS = 64
+
+# What a task gives the stream: one source item + the sample's RNG -> one training sample
+# (picklable: it runs in DataLoader workers), or SkipSample for an item it cannot use.
+Sampler = Callable[[Any, np.random.Generator], dict[str, np.ndarray]]
+
+
+class SkipSample(Exception):
+    """A source item this task cannot use (too small, no colour, ...): counted, then redrawn."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class NoUsableData(RuntimeError):

@@ -12,7 +12,7 @@ from datetime import timedelta
 from mtssl.config import Config
 from mtssl.distributed.protocol import task_ranks, world_size
 from mtssl.env import RoleEnv
-from mtssl.train import TrainingError
+from mtssl.errors import TrainingError
 
 
 class PeerLost(TrainingError):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 from torch import Tensor, nn
+
+# The sampler's contract belongs to the data stream that runs samplers.
+from mtssl.data.stream import Sampler, SkipSample
 
 # Defined torch-free beside the registry (config reads them); task files import them from here.
 from mtssl.task_registry import TaskConfig, TaskDef
@@ -43,17 +44,6 @@ class TaskOutput:
     # (uniform guess, most frequent class, all pixels moving, ...): {"acc": 0.125}; a float or
     # a 0-dim tensor.
     chance: dict[str, float | Tensor] = field(default_factory=dict)
-
-
-class SkipSample(Exception):
-    """A source item this task cannot use (too small, no colour, ...): counted, then redrawn."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-Sampler = Callable[[Any, np.random.Generator], dict[str, np.ndarray]]
 
 
 class TaskHead(nn.Module):
