@@ -25,15 +25,18 @@ def rmsprop_delta(grad: Tensor, square_avg: Tensor, momentum_buf: Tensor | None,
                   ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One RMSProp proposal. Returns (delta, new_square_avg, new_momentum_buf); pure.
 
-    `param` and `weight_decay`: decoupled decay, -lr * weight_decay * param, outside the ratio."""
-    square_avg = decay * square_avg + (1.0 - decay) * grad * grad
-    direction = grad / (square_avg.sqrt() + eps)
+    `param` and `weight_decay`: decoupled decay, -lr * weight_decay * param, outside the ratio.
+    Fused multiply-adds (addcmul, addcdiv) round as `PerTaskRMSProp`'s in-place ops do."""
+    square_avg = torch.addcmul(decay * square_avg, grad, grad, value=1.0 - decay)
+    denom = square_avg.sqrt() + eps
     if momentum_buf is not None:
-        direction = momentum * momentum_buf + direction
+        direction = torch.addcdiv(momentum * momentum_buf, grad, denom)
         momentum_buf = direction
+    else:
+        direction = grad / denom
     delta = -lr * direction
     if weight_decay and param is not None:
-        delta = delta - lr * weight_decay * param
+        delta = torch.add(delta, param, alpha=-lr * weight_decay)
     return delta, square_avg, momentum_buf
 
 
@@ -90,32 +93,28 @@ class PerTaskRMSProp:
         sts = [state[n] for n in names]
         lr, decay = self.lr[task] * lr_scale, self.decay
         with torch.no_grad():
+            # In place on the task's state, fused where `rmsprop_delta` fuses (same rounding):
             # square_avg = decay * square_avg + (1 - decay) * grad * grad
-            sq = torch._foreach_mul([st["square_avg"] for st in sts], decay)
-            g2 = torch._foreach_mul(g, 1.0 - decay)
-            torch._foreach_mul_(g2, g)
-            torch._foreach_add_(sq, g2)
-            # direction = grad / (sqrt(square_avg) + eps)
+            sq = [st["square_avg"] for st in sts]
+            torch._foreach_mul_(sq, decay)
+            torch._foreach_addcmul_(sq, g, g, value=1.0 - decay)
+            # direction = grad / (sqrt(square_avg) + eps)  [+ momentum * momentum_buf]
             denom = torch._foreach_sqrt(sq)
             torch._foreach_add_(denom, self.eps)
-            direction = torch._foreach_div(g, denom)
             if self.momentum:
-                # direction = momentum * momentum_buf + direction; momentum_buf = direction
-                mom = torch._foreach_mul([st["momentum"] for st in sts], self.momentum)
-                torch._foreach_add_(mom, direction)
-                direction = mom
+                direction = [st["momentum"] for st in sts]
+                torch._foreach_mul_(direction, self.momentum)
+                torch._foreach_addcdiv_(direction, g, denom)
+            else:
+                direction = torch._foreach_div(g, denom)
             # delta = -lr * direction - lr * weight_decay * param (weights, ndim > 1, only)
             delta = torch._foreach_mul(direction, -lr)
             if self.weight_decay:
                 decayed = [i for i, p in enumerate(params) if p.ndim > 1]
                 if decayed:
-                    wd = torch._foreach_mul([params[i].detach() for i in decayed],
-                                            lr * self.weight_decay)
-                    torch._foreach_sub_([delta[i] for i in decayed], wd)
-        for i, st in enumerate(sts):
-            st["square_avg"] = sq[i]
-            if self.momentum:
-                st["momentum"] = direction[i]
+                    torch._foreach_add_([delta[i] for i in decayed],
+                                        [params[i].detach() for i in decayed],
+                                        alpha=-lr * self.weight_decay)
         return dict(zip(names, delta))
 
     @torch.no_grad()
@@ -148,6 +147,7 @@ class PerTaskRMSProp:
             raise KeyError(f"optimizer state has tasks {sorted(unknown)} this run does not train")
         for task in self.owners:
             per = sd["state"].get(task, {})
-            self.state[task] = {n: {k: v.to(self.params[n].device) for k, v in s.items()}
-                                for n, s in per.items()}
+            # Copies: the state is updated in place, and must not alias what it was loaded from.
+            self.state[task] = {n: {k: v.to(self.params[n].device, copy=True)
+                                    for k, v in s.items()} for n, s in per.items()}
             self.steps[task] = int(sd["steps"].get(task, 0))
