@@ -6,6 +6,13 @@ import torch
 from torch import Tensor, nn
 
 
+def one_hot_alpha(n: int) -> Tensor:
+    """The starting (and naive-mode) coefficient row over n units: one-hot on the last unit."""
+    alpha = torch.zeros(n)
+    alpha[-1] = 1.0
+    return alpha
+
+
 def l1_penalty(alpha: Tensor) -> Tensor:
     """The lasso term for one task's coefficient row."""
     return alpha.abs().sum()
@@ -34,10 +41,8 @@ class TapMix(nn.Module):
         if mode not in ("lasso", "naive"):
             raise ValueError(f"mode must be 'lasso' or 'naive', got {mode!r}")
         self.mode = mode
-        init = torch.zeros(num_taps)
-        init[-1] = 1.0
         # Naive mode keeps no parameter at all, so its optimizer state and checkpoints hold none.
-        self.alpha = nn.Parameter(init) if mode == "lasso" else None
+        self.alpha = nn.Parameter(one_hot_alpha(num_taps)) if mode == "lasso" else None
 
     def forward(self, taps: dict[str, Tensor]) -> Tensor:
         maps = list(taps.values())  # each (B, C, H, W), same shape

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from mtssl.config import Config
-from mtssl.models.lasso import TapMix
+from mtssl.models.lasso import TapMix, one_hot_alpha
 from mtssl.models.resnet_v2 import ResNetV2Trunk
 from mtssl.tasks import TASKS
 from mtssl.tasks.base import TaskOutput, TrunkInfo
@@ -62,7 +62,6 @@ class MultiTaskNet(nn.Module):
         for t in self.heads:
             alpha = self.mix[t].coefficients()
             if alpha is None:
-                alpha = torch.zeros(len(self.trunk.tap_names))
-                alpha[-1] = 1.0
+                alpha = one_hot_alpha(len(self.trunk.tap_names))
             rows.append(alpha.detach().cpu())
         return torch.stack(rows)
