@@ -46,7 +46,8 @@ class TapMix(nn.Module):
 
     def forward(self, taps: dict[str, Tensor]) -> Tensor:
         maps = list(taps.values())  # each (B, C, H, W), same shape
-        if self.alpha is None:
+        coefficients = self.coefficients()
+        if coefficients is None:
             return maps[-1]
         # One dtype for the taps and the coefficients: under autocast (trunk.precision: bf16)
         # taps can differ (a unit's output is bf16 or fp32 depending on its last op), and
@@ -55,10 +56,11 @@ class TapMix(nn.Module):
         for m in maps:
             dtype = torch.promote_types(dtype, m.dtype)
         stacked = torch.stack([m.to(dtype) for m in maps], dim=0)  # (U, B, C, H, W)
-        return torch.tensordot(self.coefficients().to(dtype), stacked, dims=1)  # (B, C, H, W)
+        return torch.tensordot(coefficients.to(dtype), stacked, dims=1)  # (B, C, H, W)
 
     def coefficients(self) -> Tensor | None:
         return None if self.alpha is None else unit_coefficients(self.alpha)
 
     def penalty(self) -> Tensor | None:
-        return None if self.alpha is None else l1_penalty(self.coefficients())
+        coefficients = self.coefficients()
+        return None if coefficients is None else l1_penalty(coefficients)

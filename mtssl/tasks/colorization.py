@@ -90,6 +90,11 @@ class ColorizationSampler:
 
 
 class ColorizationHead(TaskHead):
+    # Buffers (register_buffer), declared so that they type as tensors.
+    bins: Tensor  # (Q, 2) ab bin centres
+    prior: Tensor  # (Q,) smoothed bin prior
+    class_weights: Tensor  # (Q,) rebalancing weights
+
     def __init__(self, *, in_ch: int, width: float, head_width: int = 4096,
                  sigma: float = SOFT_SIGMA, neighbors: int = SOFT_NEIGHBORS,
                  rebalance_lambda: float = 0.5, norm: str = "batch", output_stride: int = 8):
@@ -123,7 +128,8 @@ class ColorizationHead(TaskHead):
     def forward(self, batch: dict[str, Tensor], features: Features) -> TaskOutput:
         logits = self.logits(batch["image"], features).float()  # the loss in fp32 (autocast)
         with full_precision(logits.device):  # the soft-encoded targets too
-            idx, weight = self.targets(batch["ab"].float(), logits.shape[-2:])
+            h, w = logits.shape[-2:]
+            idx, weight = self.targets(batch["ab"].float(), (h, w))
         logp = F.log_softmax(logits, dim=1)
         cross = -(weight * logp.gather(1, idx)).sum(1)  # (B, h, w) soft cross-entropy
         rebalance = self.class_weights[idx[:, 0]]  # weight of each region's nearest bin
