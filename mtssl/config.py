@@ -276,7 +276,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
     if isinstance(tp, type) and issubclass(tp, TaskSections):
         return tp.from_data(value, key, _coerce)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):

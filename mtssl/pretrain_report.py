@@ -18,6 +18,7 @@ import yaml
 from mtssl.checkpoint import CheckpointStore
 from mtssl.config import from_dict
 from mtssl.data.sources import TaskData
+from mtssl.errors import UserError
 from mtssl.eval.report import plot_alpha_matrix
 from mtssl.health import HealthCheck, run_progress
 from mtssl.models.multitask import MultiTaskNet
@@ -62,10 +63,14 @@ def plot_curves(records: list[dict], out: Path) -> None:
 
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"no run directory {run_dir}")
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory: it has no config.yaml")
     cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     found = CheckpointStore(open_storage(cfg.storage_uri)).load_latest()
     if found is None:
-        raise FileNotFoundError(f"no checkpoint for the run in {run_dir} ({cfg.storage_uri})")
+        raise UserError(f"no checkpoint for the run in {run_dir} ({cfg.storage_uri})")
     ckpt, step = found
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -126,7 +126,9 @@ class TaskFeed:
         self.device, self.clock, self.shard = device, clock, shard
         self.params = dict(model.named_parameters())
         self.names = model.owned_names()[task]
-        self.batches, self.expected = None, None  # the open stream, and its next batch index
+        # The open stream and its next batch index; None opens the stream on the first round.
+        self.batches: Iterator[dict[str, Tensor]] = iter(())
+        self.expected: int | None = None
 
     def compute(self, *, step: int, batch_index: int, check: bool = True
                 ) -> tuple[dict[str, Tensor], dict]:

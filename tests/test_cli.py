@@ -77,6 +77,16 @@ def test_each_subcommand_is_defined_once_and_no_module_imports_another_by_name()
     assert len(handlers) == len(set(handlers)), sorted(handlers)
 
 
+def test_report_pretrain_on_a_missing_run_directory_is_one_line(capsys, tmp_path):
+    missing = tmp_path / "no_such_run"
+    assert main(["report", "pretrain", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mtssl: no run directory {missing}\n"  # one line, no traceback
+    assert main(["report", "pretrain", str(tmp_path)]) == 2  # a directory, but not a run's
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "has no config.yaml" in err and err.count("\n") == 1
+
+
 def test_launch_says_where(capsys):
     assert main(["launch"]) == 2
     assert "--local" in capsys.readouterr().err

@@ -7,13 +7,13 @@ import yaml
 
 from mtssl.cli import main
 from mtssl.config import ConfigError, from_dict, load_config, save_config, to_dict
+from mtssl.tasks import TASKS
 
 
 def test_builtin_configs_load():
     q = load_config("quickstart")
     p = load_config("paper")
-    assert q.trunk.width < 1 and q.enabled_tasks() == [
-        "relative_position", "colorization", "exemplar", "motion_segmentation"]
+    assert q.trunk.width < 1 and q.enabled_tasks() == list(TASKS)  # every built-in task
     assert (p.trunk.depth, p.trunk.output_stride, p.trunk.width) == (101, 8, 1.0)
     assert p.tasks.relative_position.patch_size == 96 and p.tasks.relative_position.gap == 48
     assert p.tasks.colorization.input_size == 256

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from conftest import TINY
 
+from mtssl.tasks import TASKS
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
 
 
@@ -23,6 +25,6 @@ def test_gpu_step_benchmark_prints_its_table_at_tiny_size(capsys, tmp_path):
                  "step/alone", "step/trunk", "peak memory of the step (MiB)",
                  "images/s (trunk inputs)"):
         assert want in names and want in out
-    for task in ("relative_position", "colorization", "exemplar", "motion_segmentation"):
+    for task in TASKS:
         assert any(n.startswith(f"{task} sampler") for n in names), task
     assert all(len(row) == 3 for row in table)

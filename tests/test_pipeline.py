@@ -16,6 +16,7 @@ from mtssl.checkpoint import CheckpointStore
 from mtssl.config import load_config
 from mtssl.k8s import CPU_IMAGE, GPU_IMAGE, S3_SECRET, builders, stages
 from mtssl.storage import open_storage
+from mtssl.tasks import TASKS
 from mtssl.validation import ConfigError
 
 pytest.importorskip("kfp", reason="the pipeline extra is not installed (pip install '.[pipeline]')")
@@ -67,8 +68,7 @@ def test_ui_parameters(ir):
     assert params["run"]["defaultValue"] == ""  # named after the pipeline run's ID
     assert params["cpu_image"]["defaultValue"] == CPU_IMAGE
     assert params["gpu_image"]["defaultValue"] == GPU_IMAGE
-    assert params["tasks"]["defaultValue"] == ["relative_position", "colorization", "exemplar",
-                                               "motion_segmentation"]
+    assert params["tasks"]["defaultValue"] == list(TASKS)  # the pipeline's ALL_TASKS: the registry
     assert params["eval_sets"]["defaultValue"] == ["imagenet", "pascal", "nyu"]
     assert params["launcher"]["defaultValue"] == "k8s"
     assert params["prep_partitions"]["defaultValue"] == 4

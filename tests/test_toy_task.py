@@ -47,6 +47,9 @@ def test_registering_a_task_changes_no_existing_config_or_checkpoint(tiny_config
     with toy_registered():
         after, reloaded = tiny_config(), from_dict(saved)
         assert after == before == reloaded and to_dict(after) == saved
+        # Pinned on purpose, not read from the registry (which now holds the toy too): the
+        # built-in tasks, their order and their ids 0..3 are the contract existing configs,
+        # checkpoints and stream seeds rely on.
         assert after.enabled_tasks() == before.enabled_tasks() == [
             "relative_position", "colorization", "exemplar", "motion_segmentation"]
         assert not after.tasks.toy.enabled and after.harmonization.toy is False

@@ -26,7 +26,7 @@ from mtssl.checkpoint import CheckpointError, CheckpointStore
 from mtssl.config import ConfigError, TrunkConfig, apply_override, build, from_dict, load_config, to_dict
 from mtssl.data.transforms import network_input
 from mtssl.eval import SUITES
-from mtssl.models.lasso import unit_coefficients
+from mtssl.models.lasso import one_hot_alpha, unit_coefficients
 from mtssl.models.resnet_v2 import DEPTH_UNITS, ResNetV2Trunk
 from mtssl.storage import NotFound, StorageError, open_storage
 
@@ -192,8 +192,7 @@ def alpha_of(model: dict, tasks: list[str], num_units: int) -> np.ndarray:
     for t in tasks:
         alpha = model.get(f"mix.{t}.alpha")
         if alpha is None:
-            alpha = torch.zeros(num_units)
-            alpha[-1] = 1.0
+            alpha = one_hot_alpha(num_units)
         rows.append(unit_coefficients(alpha.detach().float().cpu()).numpy())
     return np.stack(rows) if rows else np.zeros((0, num_units))
 

@@ -6,6 +6,13 @@ import torch
 from torch import Tensor, nn
 
 
+def one_hot_alpha(n: int) -> Tensor:
+    """The starting (and naive-mode) coefficient row over n units: one-hot on the last unit."""
+    alpha = torch.zeros(n)
+    alpha[-1] = 1.0
+    return alpha
+
+
 def l1_penalty(alpha: Tensor) -> Tensor:
     """The lasso term for one task's coefficient row."""
     return alpha.abs().sum()
@@ -34,14 +41,13 @@ class TapMix(nn.Module):
         if mode not in ("lasso", "naive"):
             raise ValueError(f"mode must be 'lasso' or 'naive', got {mode!r}")
         self.mode = mode
-        init = torch.zeros(num_taps)
-        init[-1] = 1.0
         # Naive mode keeps no parameter at all, so its optimizer state and checkpoints hold none.
-        self.alpha = nn.Parameter(init) if mode == "lasso" else None
+        self.alpha = nn.Parameter(one_hot_alpha(num_taps)) if mode == "lasso" else None
 
     def forward(self, taps: dict[str, Tensor]) -> Tensor:
         maps = list(taps.values())  # each (B, C, H, W), same shape
-        if self.alpha is None:
+        coefficients = self.coefficients()
+        if coefficients is None:
             return maps[-1]
         # One dtype for the taps and the coefficients: under autocast (trunk.precision: bf16)
         # taps can differ (a unit's output is bf16 or fp32 depending on its last op), and
@@ -50,10 +56,11 @@ class TapMix(nn.Module):
         for m in maps:
             dtype = torch.promote_types(dtype, m.dtype)
         stacked = torch.stack([m.to(dtype) for m in maps], dim=0)  # (U, B, C, H, W)
-        return torch.tensordot(self.coefficients().to(dtype), stacked, dims=1)  # (B, C, H, W)
+        return torch.tensordot(coefficients.to(dtype), stacked, dims=1)  # (B, C, H, W)
 
     def coefficients(self) -> Tensor | None:
         return None if self.alpha is None else unit_coefficients(self.alpha)
 
     def penalty(self) -> Tensor | None:
-        return None if self.alpha is None else l1_penalty(self.coefficients())
+        coefficients = self.coefficients()
+        return None if coefficients is None else l1_penalty(coefficients)

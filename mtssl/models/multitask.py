@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Generic, TypeVar, cast
+
 import torch
 from torch import Tensor, nn
 
 from mtssl.config import Config
-from mtssl.models.lasso import TapMix
+from mtssl.models.lasso import TapMix, one_hot_alpha
 from mtssl.models.resnet_v2 import ResNetV2Trunk
 from mtssl.tasks import TASKS
-from mtssl.tasks.base import TaskOutput, TrunkInfo
+from mtssl.tasks.base import TaskHead, TaskOutput, TrunkInfo
 
 
 def build_trunk(cfg: Config) -> ResNetV2Trunk:
@@ -23,13 +26,24 @@ def trunk_info(cfg: Config, trunk: ResNetV2Trunk) -> TrunkInfo:
                      output_stride=cfg.trunk.output_stride, norm=cfg.trunk.norm)
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
+class TaskModules(nn.ModuleDict, Generic[M]):
+    """An nn.ModuleDict keyed by task whose entries are all M, so that `net.heads[task]` types
+    as a TaskHead and `net.mix[task]` as a TapMix (nn.ModuleDict's own items type as Module)."""
+
+    def __getitem__(self, key: str) -> M:
+        return cast(M, super().__getitem__(key))
+
+
 class MultiTaskNet(nn.Module):
-    def __init__(self, *, trunk: ResNetV2Trunk, heads: dict[str, nn.Module], lasso_mode: str):
+    def __init__(self, *, trunk: ResNetV2Trunk, heads: Mapping[str, TaskHead], lasso_mode: str):
         super().__init__()
         self.trunk = trunk
-        self.heads = nn.ModuleDict(heads)
-        self.mix = nn.ModuleDict({t: TapMix(num_taps=len(trunk.tap_names), mode=lasso_mode)
-                                  for t in heads})
+        self.heads: TaskModules[TaskHead] = TaskModules(heads)
+        self.mix: TaskModules[TapMix] = TaskModules(
+            {t: TapMix(num_taps=len(trunk.tap_names), mode=lasso_mode) for t in heads})
 
     @classmethod
     def from_config(cls, cfg: Config) -> "MultiTaskNet":
@@ -62,7 +76,6 @@ class MultiTaskNet(nn.Module):
         for t in self.heads:
             alpha = self.mix[t].coefficients()
             if alpha is None:
-                alpha = torch.zeros(len(self.trunk.tap_names))
-                alpha[-1] = 1.0
+                alpha = one_hot_alpha(len(self.trunk.tap_names))
             rows.append(alpha.detach().cpu())
         return torch.stack(rows)

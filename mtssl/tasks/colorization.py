@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtssl.colour import (
+    SOFT_NEIGHBORS,
+    SOFT_SIGMA,
     SoftEncoder,
     ab_bins,
     annealed_mean,
@@ -49,8 +51,8 @@ from mtssl.validation import require
 @dataclass(frozen=True)
 class ColorizationConfig(TaskConfig):
     input_size: int = 256
-    sigma: float = 5.0  # Gaussian of the soft-encoding, in ab units
-    neighbors: int = 5  # bins each target is spread over (the paper says 5, Zhang's code 10)
+    sigma: float = SOFT_SIGMA  # Gaussian of the soft-encoding, in ab units
+    neighbors: int = SOFT_NEIGHBORS  # bins each target is spread over (mtssl.colour: paper 5, Zhang 10)
     rebalance_lambda: float = 0.5  # mix of the prior with uniform in the class weights
     prior_batches: int = 16  # batches drawn before step 0 to measure the bin prior
     head_width: int = 4096  # channels of the two conv layers (scaled by trunk width)
@@ -88,9 +90,14 @@ class ColorizationSampler:
 
 
 class ColorizationHead(TaskHead):
-    def __init__(self, *, in_ch: int, width: float, head_width: int = 4096, sigma: float = 5.0,
-                 neighbors: int = 5, rebalance_lambda: float = 0.5, norm: str = "batch",
-                 output_stride: int = 8):
+    # Buffers (register_buffer), declared so that they type as tensors.
+    bins: Tensor  # (Q, 2) ab bin centres
+    prior: Tensor  # (Q,) smoothed bin prior
+    class_weights: Tensor  # (Q,) rebalancing weights
+
+    def __init__(self, *, in_ch: int, width: float, head_width: int = 4096,
+                 sigma: float = SOFT_SIGMA, neighbors: int = SOFT_NEIGHBORS,
+                 rebalance_lambda: float = 0.5, norm: str = "batch", output_stride: int = 8):
         super().__init__()
         self.output_stride = output_stride  # the regions targets and prior are counted over
         bins = ab_bins()
@@ -121,7 +128,8 @@ class ColorizationHead(TaskHead):
     def forward(self, batch: dict[str, Tensor], features: Features) -> TaskOutput:
         logits = self.logits(batch["image"], features).float()  # the loss in fp32 (autocast)
         with full_precision(logits.device):  # the soft-encoded targets too
-            idx, weight = self.targets(batch["ab"].float(), logits.shape[-2:])
+            h, w = logits.shape[-2:]
+            idx, weight = self.targets(batch["ab"].float(), (h, w))
         logp = F.log_softmax(logits, dim=1)
         cross = -(weight * logp.gather(1, idx)).sum(1)  # (B, h, w) soft cross-entropy
         rebalance = self.class_weights[idx[:, 0]]  # weight of each region's nearest bin

@@ -68,7 +68,8 @@ class MotionSegmentationHead(TaskHead):
 
     def forward(self, batch: dict[str, Tensor], features: Features) -> TaskOutput:
         logits = self.logits(batch["frame"], features).float()  # the loss in fp32 (autocast)
-        target = F.adaptive_avg_pool2d(batch["mask"].float(), logits.shape[-2:])  # (B, 1, h, w) in [0, 1]
+        h, w = logits.shape[-2:]
+        target = F.adaptive_avg_pool2d(batch["mask"].float(), (h, w))  # (B, 1, h, w) in [0, 1]
         loss = F.binary_cross_entropy_with_logits(logits, target)
         # Metrics as 0-dim tensors on the device, read at log time (no host sync in the step).
         pred, true = logits.detach() > 0, target > 0.5
