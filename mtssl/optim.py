@@ -101,6 +101,7 @@ class PerTaskRMSProp:
             # direction = grad / (sqrt(square_avg) + eps)  [+ momentum * momentum_buf]
             denom = torch._foreach_sqrt(sq)
             torch._foreach_add_(denom, self.eps)
+            direction: list[Tensor] | tuple[Tensor, ...]
             if self.momentum:
                 direction = [st["momentum"] for st in sts]
                 torch._foreach_mul_(direction, self.momentum)
