@@ -103,6 +103,18 @@ def measure(cfg, model, opt, batches, device, repeats: int) -> dict:
             float(loss), [float(v) for v in metrics.values()]
         opt.step(grads)
 
+    def gradients():
+        return {t: task_gradients(model, t, batches[t], cfg=cfg, params=params, names=owners[t],
+                                  step=0, check=False) for t in model.tasks}
+
+    computed = gradients()  # fixed inputs for the two parts below
+
+    def finite_check():
+        check_finite(0, {t: (loss, g) for t, (g, loss, _) in computed.items()})
+
+    def update():
+        opt.step({t: g for t, (g, _, _) in computed.items()})
+
     def tasks_alone():
         for t in model.tasks:
             model.zero_grad(set_to_none=True)
@@ -119,11 +131,13 @@ def measure(cfg, model, opt, batches, device, repeats: int) -> dict:
 
     step_s, peak = timed(project_step, repeats, device)
     reads_s, _ = timed(step_with_reads, repeats, device)
+    parts = {name: timed(fn, repeats, device)[0]
+             for name, fn in (("gradients", gradients), ("check", finite_check), ("update", update))}
     alone_s, _ = timed(tasks_alone, repeats, device)
     trunk_s, _ = timed(trunk_only, repeats, device)
     model.zero_grad(set_to_none=True)
     n_images = sum(images(batches[t][TASKS[t].input_key]).shape[0] for t in model.tasks)
-    return {"step": step_s, "reads": reads_s, "alone": alone_s, "trunk": trunk_s, "peak": peak,
+    return {"step": step_s, "reads": reads_s, "alone": alone_s, **parts, "trunk": trunk_s, "peak": peak,
             "images_s": n_images / step_s}
 
 
@@ -166,6 +180,9 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     rows = [
         ["project step (ms)", *(ms(r["step"]) for r in results.values())],
         ["  with per-task checks + float reads (ms)", *(ms(r["reads"]) for r in results.values())],
+        ["  part: every task's gradients (ms)", *(ms(r["gradients"]) for r in results.values())],
+        ["  part: the step's finite check (ms)", *(ms(r["check"]) for r in results.values())],
+        ["  part: per-task RMSProp update (ms)", *(ms(r["update"]) for r in results.values())],
         ["tasks' own fwd+bwd alone (ms)", *(ms(r["alone"]) for r in results.values())],
         ["bare trunk fwd+bwd (ms)", *(ms(r["trunk"]) for r in results.values())],
         ["step/alone", *(f"{r['step'] / r['alone']:.2f}" for r in results.values())],

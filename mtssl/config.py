@@ -51,6 +51,8 @@ class TrunkConfig:
     norm: Literal["batch", "group"] = "batch"
     # bf16: autocast of the trunk's and heads' forward (losses, colour targets in fp32); fp32: none
     precision: Literal["fp32", "bf16"] = "fp32"
+    # NHWC memory layout for the trunk: measured faster on the CPU (benchmarks/gpu_step.py)
+    channels_last: bool = False
 
     def __post_init__(self):
         require(self.precision in ("fp32", "bf16"), "precision",

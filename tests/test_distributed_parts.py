@@ -54,8 +54,9 @@ def test_environment_is_read_and_checked(tiny_config):
             role_env(cfg, worker=True, environ=environ)
 
 
-def test_messages_carry_parameters_buffers_and_exact_header(tiny_config):
-    cfg = tiny_config()
+@pytest.mark.parametrize("sets", [(), ("trunk.channels_last=true",)], ids=["nchw", "nhwc"])
+def test_messages_carry_parameters_buffers_and_exact_header(tiny_config, sets):
+    cfg = tiny_config(*sets)
     torch.manual_seed(0)
     coord = MultiTaskNet.from_config(cfg)
     with torch.no_grad():

@@ -68,3 +68,22 @@ def test_naive_mode_has_no_alpha_and_reads_last_unit(tiny_config):
     model.eval()
     assert torch.equal(model.features("colorization", x), model.trunk(x).out)
     assert model.alpha_matrix().shape == (4, 2)
+
+
+def test_channels_last_trunk_gives_the_same_features_and_gradients():
+    """trunk.channels_last changes the memory layout only (numbers equal up to rounding)."""
+    from mtssl.models.resnet_v2 import ResNetV2Trunk
+    torch.manual_seed(0)
+    plain = ResNetV2Trunk(units=(1, 1, 2), width=0.0625, output_stride=8)
+    nhwc = ResNetV2Trunk(units=(1, 1, 2), width=0.0625, output_stride=8, channels_last=True)
+    nhwc.load_state_dict(plain.state_dict())
+    assert nhwc.root[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 40, 48)
+    a, b = plain(x).out, nhwc(x).out
+    assert b.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(a, b, atol=1e-5)
+    a.sum().backward()
+    b.sum().backward()
+    g = plain.root[0].weight.grad
+    torch.testing.assert_close(nhwc.root[0].weight.grad, g, rtol=1e-4,
+                               atol=1e-5 * float(g.abs().max()))

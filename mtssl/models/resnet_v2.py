@@ -69,7 +69,10 @@ class ResNetV2Trunk(nn.Module):
     """ResNet-v2 through block 3. `units` overrides `depth` for custom small nets."""
 
     def __init__(self, *, depth: int = 101, width: float = 1.0, output_stride: int = 16,
-                 norm: str = "batch", units: tuple[int, int, int] | None = None):
+                 norm: str = "batch", units: tuple[int, int, int] | None = None,
+                 channels_last: bool = False):
+        """`channels_last`: NHWC weights and activations (the same numbers up to rounding; the
+        faster layout on CPUs with oneDNN and on tensor-core GPUs: benchmarks/gpu_step.py)."""
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
@@ -102,8 +105,11 @@ class ResNetV2Trunk(nn.Module):
         self.block1, self.block2, self.block3 = blocks
         self.out_channels = in_ch
         self.tap_names = tuple(f"block3/unit_{u + 1}" for u in range(self.units[2]))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
 
     def forward(self, x: Tensor) -> TrunkOutput:  # x: (B, 3, H, W)
+        x = x.contiguous(memory_format=self.memory_format)
         x = self.block2(self.block1(self.root(x)))
         taps = {}
         for name, unit in zip(self.tap_names, self.block3):
