@@ -302,8 +302,8 @@ def motion_mask(frames: Sequence[np.ndarray], index: int, *, offsets: Sequence[i
     guided by the frame, cut at 0.5), "grabcut" (GrabCut on a crop shrunk to refine_size for
     refine_iters iterations) or None. The defaults are a measured trade (DAVIS, every 10th
     frame, frames at 427x240, one core): DIS "fine" + guided radius 10 gave J 0.564 at 13.1
-    frames/s; DIS medium + GrabCut (<= 320 px, 1 iteration) J 0.545 at 11.5; DIS "fine" +
-    that GrabCut J 0.548-0.555 at 8-10.
+    frames/s; DIS medium + GrabCut (<= 320 px, 1 iteration) J 0.545 at 11.5; finest-scale-0 flow +
+    GrabCut (<= 192-320 px, 1 iteration) J 0.537-0.555 at 8-11 (README, motion-mask tables).
     """
     import cv2
 
