@@ -2,8 +2,8 @@
 
 DIS flow to the neighbouring frames -> camera motion removed by robust global fits -> residual
 speed, forward/backward minimum -> adaptive threshold -> morphology, component choice, hole
-filling -> GrabCut snap to colour edges (one iteration on a crop of <= 320 px: GrabCut was most
-of a mask's cost) -> Pathak et al.'s frame filter. Thresholds, work size and
+filling -> edges snapped to the frame's colour edges by a guided filter (GrabCut optional) ->
+Pathak et al.'s frame filter. Thresholds, work size and
 weights were chosen by measuring J on the ten DAVIS 2016 sequences in shared data
 (benchmarks/davis_masks.py), so that benchmark figure is in-sample, not held out.
 """
@@ -24,12 +24,18 @@ def _check_frame(frame: np.ndarray, name: str) -> None:
         raise ValueError(f"{name} must be uint8, got {frame.dtype}")
 
 
-DIS_PRESETS = ("ultrafast", "fast", "medium")
+DIS_PRESETS = ("ultrafast", "fast", "medium", "fine")
+REFINERS = ("guided", "grabcut")
 
 
 def estimate_flow(prev: np.ndarray, nxt: np.ndarray, *, method: str = "dis",
-                  preset: str = "medium") -> np.ndarray:
-    """Dense optical flow prev -> nxt, (H, W, 2) float32 in pixels (dx, dy)."""
+                  preset: str = "fine") -> np.ndarray:
+    """Dense optical flow prev -> nxt, (H, W, 2) float32 in pixels (dx, dy).
+
+    DIS presets are OpenCV's, plus "fine": medium's patches searched down to full resolution
+    (finest scale 0 instead of 1) with a sparser grid (stride 5 instead of 3) and 16 instead of 25
+    gradient-descent iterations.
+    """
     import cv2
 
     _check_frame(prev, "prev")
@@ -40,11 +46,18 @@ def estimate_flow(prev: np.ndarray, nxt: np.ndarray, *, method: str = "dis",
     g1 = cv2.cvtColor(nxt, cv2.COLOR_RGB2GRAY)
     if method == "dis":
         # Per 427x240 pair on one core (measured): medium 10 ms, fast 2.1, ultrafast 1.1; but
-        # with fast the DAVIS J of the masks fell from 0.543 to 0.444 (every 10th frame).
+        # with fast the DAVIS J of the masks fell from 0.543 to 0.444 (every 10th frame). Medium
+        # stops at half resolution (finest scale 1): at 427x240 that lost thin parts and edges,
+        # J before refinement 0.502 against 0.541 for "fine" (about 20 ms per pair).
         if preset not in DIS_PRESETS:
             raise ValueError(f"unknown DIS preset {preset!r}; expected one of {DIS_PRESETS}")
-        code = getattr(cv2, f"DISOPTICAL_FLOW_PRESET_{preset.upper()}")
-        flow = cv2.DISOpticalFlow_create(code).calc(g0, g1, None)
+        code = "MEDIUM" if preset == "fine" else preset.upper()
+        dis = cv2.DISOpticalFlow_create(getattr(cv2, f"DISOPTICAL_FLOW_PRESET_{code}"))
+        if preset == "fine":
+            dis.setFinestScale(0)
+            dis.setPatchStride(5)
+            dis.setGradientDescentIterations(16)
+        flow = dis.calc(g0, g1, None)
     elif method == "farneback":
         flow = cv2.calcOpticalFlowFarneback(g0, g1, None, 0.5, 4, 15, 3, 5, 1.1, 0)
     else:
@@ -103,7 +116,7 @@ def _resize_long(frame: np.ndarray, long_side: int) -> np.ndarray:
 
 
 def residual_speed(frame: np.ndarray, neighbour: np.ndarray, step: int, *,
-                   method: str = "dis", preset: str = "medium") -> np.ndarray:
+                   method: str = "dis", preset: str = "fine") -> np.ndarray:
     """Per-pixel motion not explained by the camera, in pixels per frame, (H, W) float32."""
     import cv2
 
@@ -118,7 +131,7 @@ def residual_speed(frame: np.ndarray, neighbour: np.ndarray, step: int, *,
 
 
 def motion_score(frames: Sequence[np.ndarray], index: int, *, offsets: Sequence[int] = (-1, 1),
-                 work_size: int = 640, method: str = "dis", preset: str = "medium") -> np.ndarray:
+                 work_size: int = 640, method: str = "dis", preset: str = "fine") -> np.ndarray:
     """Residual speed of frames[index] at work size, combined over offsets, (h, w) float32."""
     n = len(frames)
     if not -n <= index < n:
@@ -227,18 +240,70 @@ def _grabcut_refine(mask: np.ndarray, rgb: np.ndarray, *, band: int, size: int |
     return out if min_ratio * area <= out.sum() <= max_ratio * area else mask
 
 
+def _box(img: np.ndarray, r: int) -> np.ndarray:
+    import cv2
+
+    return cv2.boxFilter(img, -1, (2 * r + 1, 2 * r + 1), borderType=cv2.BORDER_REFLECT)
+
+
+def guided_filter(guide: np.ndarray, src: np.ndarray, *, radius: int, eps: float = 1e-3) -> np.ndarray:
+    """He et al.'s guided filter with a colour guide: src (H, W) smoothed so that its edges
+    follow those of guide (H, W, 3) uint8; (H, W) float32. Box filters only, O(pixels)."""
+    i = guide.astype(np.float32) * np.float32(1 / 255)  # (H, W, 3)
+    p = src.astype(np.float32)
+    # one multi-channel box filter for the means of I, p, I*p and the 6 products I_a*I_b
+    pairs = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+    stack = np.concatenate([i, p[..., None], i * p[..., None]]
+                           + [i[..., a, None] * i[..., b, None] for a, b in pairs], -1)
+    m = _box(stack, radius)
+    mi, mp = m[..., :3], m[..., 3]
+    cov = m[..., 4:7] - mi * mp[..., None]
+    var = [m[..., 7 + k] - mi[..., a] * mi[..., b] + (eps if a == b else 0) for k, (a, b) in enumerate(pairs)]
+    rr, rg, rb, gg, gb, bb = var
+    # (Sigma + eps I)^-1 cov per pixel, Sigma the guide's 3x3 window covariance: adjugate / det
+    i_rr, i_rg, i_rb = gg * bb - gb * gb, gb * rb - rg * bb, rg * gb - gg * rb
+    i_gg, i_gb, i_bb = rr * bb - rb * rb, rb * rg - rr * gb, rr * gg - rg * rg
+    det = rr * i_rr + rg * i_rg + rb * i_rb
+    c0, c1, c2 = cov[..., 0], cov[..., 1], cov[..., 2]
+    ab = np.stack([i_rr * c0 + i_rg * c1 + i_rb * c2, i_rg * c0 + i_gg * c1 + i_gb * c2,
+                   i_rb * c0 + i_gb * c1 + i_bb * c2], -1) / det[..., None]
+    ab = np.concatenate([ab, (mp - (ab * mi).sum(-1))[..., None]], -1)  # (H, W, 4): a, b
+    mab = _box(ab, radius)
+    return (mab[..., :3] * i).sum(-1) + mab[..., 3]
+
+
+def _guided_refine(mask: np.ndarray, rgb: np.ndarray, *, radius: int, eps: float) -> np.ndarray:
+    """Snap a mask's edges to the frame's colour edges: guided filter of the mask, cut at 0.5.
+
+    Computed on the mask's bounding box grown by 2 * radius + 1, which is exact: farther
+    out every window of the filter sees only background, so the output there is 0.
+    """
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return mask
+    m = 2 * radius + 1
+    y0, y1 = max(0, ys.min() - m), min(mask.shape[0], ys.max() + m + 1)
+    x0, x1 = max(0, xs.min() - m), min(mask.shape[1], xs.max() + m + 1)
+    out = np.zeros_like(mask, dtype=bool)
+    out[y0:y1, x0:x1] = guided_filter(rgb[y0:y1, x0:x1], mask[y0:y1, x0:x1], radius=radius, eps=eps) > 0.5
+    return out
+
+
 def motion_mask(frames: Sequence[np.ndarray], index: int, *, offsets: Sequence[int] = (-1, 1),
-                work_size: int = 640, method: str = "dis", preset: str = "medium",
+                work_size: int = 640, method: str = "dis", preset: str = "fine",
                 rel_thresh: float = 8.0, peak_thresh: float = 0.2, abs_thresh: float = 1e-3,
-                refine: bool = True, refine_size: int | None = 320,
-                refine_iters: int = 1) -> np.ndarray:
+                refine: str | None = "guided", refine_size: int | None = 320,
+                refine_iters: int = 1, guided_radius: int = 10, guided_eps: float = 1e-3) -> np.ndarray:
     """Bool (H, W) mask of independently moving pixels in frames[index].
 
     Neighbours are frames[index + o] for o in offsets, clipped to the clip; flow and masks are
-    computed with the long side at work_size pixels and the mask is upsampled back. The GrabCut
-    defaults are a measured trade (DAVIS, every 10th frame, frames at 427x240, one core):
-    crop <= 320 px and 1 iteration gave J 0.545 at 11.8 frames/s, the full crop and 3
-    iterations J 0.545 at 6.9, <= 192 px and 2 iterations J 0.531 at 12.6.
+    computed with the long side at work_size pixels and the mask is upsampled back.
+    refine: "guided" (guided filter of the mask, radius guided_radius at a 427-pixel long side,
+    guided by the frame, cut at 0.5), "grabcut" (GrabCut on a crop shrunk to refine_size for
+    refine_iters iterations) or None. The defaults are a measured trade (DAVIS, every 10th
+    frame, frames at 427x240, one core): DIS "fine" + guided radius 10 gave J 0.564 at 13.1
+    frames/s; DIS medium + GrabCut (<= 320 px, 1 iteration) J 0.545 at 11.5; finest-scale-0 flow +
+    GrabCut (<= 192-320 px, 1 iteration) J 0.537-0.555 at 8-11 (README, motion-mask tables).
     """
     import cv2
 
@@ -257,10 +322,15 @@ def motion_mask(frames: Sequence[np.ndarray], index: int, *, offsets: Sequence[i
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, ell(max(1, round(unit))))
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, ell(max(1, round(2 * unit))))
     mask = _fill_holes(_select_components(mask > 0, score))
-    if refine:
+    if refine is not None:
         rgb = _resize_long(frames[index % len(frames)], work_size)
-        mask = _grabcut_refine(mask, rgb, band=max(2, round(20 * unit)), size=refine_size,
-                               iters=refine_iters)
+        if refine == "guided":
+            mask = _guided_refine(mask, rgb, radius=max(1, round(guided_radius * unit)), eps=guided_eps)
+        elif refine == "grabcut":
+            mask = _grabcut_refine(mask, rgb, band=max(2, round(20 * unit)), size=refine_size,
+                                   iters=refine_iters)
+        else:
+            raise ValueError(f"unknown refine {refine!r}; expected one of {REFINERS} or None")
     H, W = frames[index].shape[:2]
     if (h, w) == (H, W):
         return mask
