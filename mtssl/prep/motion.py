@@ -289,6 +289,11 @@ def _guided_refine(mask: np.ndarray, rgb: np.ndarray, *, radius: int, eps: float
     return out
 
 
+# Names what `motion_mask`'s defaults compute; part of prep's fingerprint, so shards with masks
+# of an earlier method are never mixed into (or resumed as) a dataset of this one.
+MASK_METHOD = "dis-fine+guided-r10"
+
+
 def motion_mask(frames: Sequence[np.ndarray], index: int, *, offsets: Sequence[int] = (-1, 1),
                 work_size: int = 640, method: str = "dis", preset: str = "fine",
                 rel_thresh: float = 8.0, peak_thresh: float = 0.2, abs_thresh: float = 1e-3,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mtssl.prep.motion import MASK_METHOD
 from mtssl.validation import require
 
 # Where the output goes and how a run goes: left out of the manifest, which must not change
@@ -123,7 +124,9 @@ def fingerprint(cfg: PrepConfig) -> str:
     """sha256 over the options that shape the output (short hex)."""
     shaping = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                if f.name not in RUNTIME_ONLY}
-    # A retired option (the colour prior prep no longer writes), at its old default: datasets
-    # prepared before keep their fingerprint, so their preps still resume and merge.
+    # A retired option (the colour prior prep no longer writes), at its old default, and the
+    # motion-mask method: a prep interrupted under an earlier method (before "dis-fine+guided-r10",
+    # 2026-11-30) is refused on resume and merge rather than mixed with masks of this one.
     shaping["prior_pixels"] = 4096
+    shaping["motion_masks"] = MASK_METHOD
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
