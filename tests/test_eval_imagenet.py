@@ -111,3 +111,35 @@ def test_grid_probe_reads_pooled_cells_and_global_probe_one_vector(tmp_path):
         results[" ".join(sets)] = run(loaded, data, s, cache_dir=tmp_path / "cache")
     assert all(r["metrics"]["top1"] == 1.0 for r in results.values())  # red vs blue
     assert len(results["pool=grid lasso=true"]["alpha"]) == 2
+
+
+def test_bn_statistics_are_recomputed_on_the_probes_training_images(tmp_path):
+    """bn_stats=recompute (the default): every BatchNorm's running statistics become the
+    average over one pass of the training split, whatever the checkpoint held; `checkpoint`
+    keeps them; the two read different features and are cached apart."""
+    import torch
+
+    from mtssl.eval.imagenet import CropDataset, frozen_trunk, list_split, recompute_bn_stats
+    data = image_folder(tmp_path / "d", {"train/a": 4, "train/b": 4, "val/a": 2, "val/b": 2})
+    loaded = random_trunk(load_config("quickstart", ["trunk.units=[1,1,2]",
+                                                     "trunk.width=0.0625"]).trunk)
+    _, items, _ = list_split(data / "train", None, None)
+    trunk = loaded.build(16)
+    first = trunk.block1[0].norm1  # the first BatchNorm: it sees the root's output
+    seen = []
+    first.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    recompute_bn_stats(trunk, CropDataset(items, resize=48, size=48), input_mode="rgb",
+                       batch_size=3, workers=0, device=torch.device("cpu"))
+    batch_means = torch.stack([x.mean((0, 2, 3)) for x in seen])  # (batches, C)
+    assert torch.allclose(first.running_mean, batch_means.mean(0), atol=1e-5)
+    assert not trunk.training
+
+    kept = suite_settings("imagenet", "smoke", ["resize=48", "image_size=48", "bn_stats=checkpoint"])
+    redone = suite_settings("imagenet", "smoke", ["resize=48", "image_size=48"])
+    assert redone.bn_stats == "recompute"
+    cpu = torch.device("cpu")
+    assert torch.equal(frozen_trunk(loaded, kept, items, device=cpu).block1[0].norm1.running_mean,
+                       torch.zeros_like(first.running_mean))  # a random trunk's initial values
+    a = run(loaded, data, kept, cache_dir=tmp_path / "cache")
+    b = run(loaded, data, redone, cache_dir=tmp_path / "cache")
+    assert not a["features_cached"] and not b["features_cached"]  # cached apart

@@ -22,12 +22,14 @@ with 23 units of 1024 channels is about 60 GB in float16; without lasso about 2.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -64,6 +66,11 @@ class ProbeSettings:
     probe_batch_size: int = 1024
     lr: float = 1e-3  # Adam, cosine decay to zero
     weight_decay: float = 1e-4  # on the classifier weights
+    # BatchNorm statistics of the frozen trunk: `recompute` re-estimates them on the training
+    # split's images (no labels) before extracting features ("precise BN" under a change of
+    # inputs, Wu & Johnson 2021 sec. 3-4); `checkpoint` keeps the pre-training mix of every
+    # task's inputs (per-patch normalised L for relative position, L x3, RGB).
+    bn_stats: Literal["recompute", "checkpoint"] = "recompute"
     lasso: bool = False  # eval-only lasso: learn an alpha row over the block-3 units
     lasso_l1: float = 1e-3
     seed: int = 0
@@ -182,13 +189,46 @@ def cells(s: ProbeSettings) -> int:
     return s.grid if s.pool == "grid" else 1
 
 
+@torch.no_grad()
+def recompute_bn_stats(trunk: nn.Module, dataset: CropDataset, *, input_mode: str,
+                       batch_size: int, workers: int, device: torch.device) -> nn.Module:
+    """Every BatchNorm's running mean and variance re-estimated as the average over one pass of
+    `dataset` (in order, no gradients); other parameters untouched. Returns `trunk` in eval mode."""
+    norms = [m for m in trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass, not an exponential one
+    trunk.train().to(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    for images, _, _ in loader:
+        trunk(model_input(images.to(device), input_mode))
+    return trunk.eval()
+
+
+def frozen_trunk(loaded: LoadedTrunk, s: ProbeSettings, train_items: list[tuple[Path, int]], *,
+                 device: torch.device) -> nn.Module:
+    """The trunk features are read from, with BatchNorm statistics as `s.bn_stats` says."""
+    trunk = loaded.build(s.output_stride)
+    if s.bn_stats == "recompute":
+        recompute_bn_stats(trunk, CropDataset(train_items, resize=s.resize, size=s.image_size),
+                           input_mode=s.input, batch_size=s.batch_size, workers=s.workers,
+                           device=device)
+    return trunk
+
+
 def cached_features(loaded: LoadedTrunk, items: list[tuple[Path, int]], s: ProbeSettings, *,
-                    cache_dir: Path | None, device: torch.device) -> tuple[dict, bool]:
-    """(features record, whether it came from the cache)."""
+                    cache_dir: Path | None, device: torch.device,
+                    train_items: list[tuple[Path, int]],
+                    trunk: Callable[[], nn.Module]) -> tuple[dict, bool]:
+    """(features record, whether it came from the cache). `train_items`: the images BatchNorm
+    statistics are recomputed on (bn_stats: recompute); `trunk()`: the frozen trunk, built
+    only on a cache miss."""
     key = {"version": CACHE_VERSION, "checkpoint": loaded.identity, "data": data_identity(items),
            "resize": s.resize, "image_size": s.image_size, "input": s.input,
            "output_stride": s.output_stride or loaded.arch.output_stride, "per_tap": s.lasso,
-           "grid": cells(s)}
+           "grid": cells(s), "bn_stats": s.bn_stats}
+    if s.bn_stats == "recompute":
+        key["bn_data"] = data_identity(train_items)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir / f"features-{digest}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
@@ -196,8 +236,7 @@ def cached_features(loaded: LoadedTrunk, items: list[tuple[Path, int]], s: Probe
             return torch.load(path, map_location="cpu", weights_only=True), True
         except Exception as err:  # noqa: BLE001 - a broken cache entry is recomputed
             log.warning("feature cache %s unreadable (%s): recomputing", path, err)
-    record = extract_features(loaded.build(s.output_stride),
-                              CropDataset(items, resize=s.resize, size=s.image_size),
+    record = extract_features(trunk(), CropDataset(items, resize=s.resize, size=s.image_size),
                               input_mode=s.input, per_tap=s.lasso, batch_size=s.batch_size,
                               workers=s.workers, device=device, grid=cells(s))
     if path is not None:
@@ -263,9 +302,12 @@ def run(loaded: LoadedTrunk, data: Path, s: ProbeSettings, *, settings_name: str
     _, eval_items, eval_problems = list_split(held_out, classes, s.max_per_class)
     if not eval_items:
         raise EvalError(f"{held_out}: no images of the training classes {classes}")
+    # Built at most once (recomputing BatchNorm statistics is a pass over the training images).
+    trunk = functools.cache(lambda: frozen_trunk(loaded, s, train_items, device=device))
     train, cached_train = cached_features(loaded, train_items, s, cache_dir=cache_dir,
-                                          device=device)
-    test, cached_test = cached_features(loaded, eval_items, s, cache_dir=cache_dir, device=device)
+                                          device=device, train_items=train_items, trunk=trunk)
+    test, cached_test = cached_features(loaded, eval_items, s, cache_dir=cache_dir, device=device,
+                                        train_items=train_items, trunk=trunk)
     for split, record in (("train", train), (held_out.name, test)):
         if not record["ok"].any():
             raise EvalError(f"{data / split}: no readable image ({len(record['skipped'])} skipped)")
