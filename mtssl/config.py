@@ -53,6 +53,9 @@ class TrunkConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     # NHWC memory layout for the trunk: measured faster on the CPU (benchmarks/gpu_step.py)
     channels_last: bool = False
+    # torch.compile the trunk's forward (in place: parameter names unchanged); each input shape
+    # compiles once, at the first step that sees it
+    compile: bool = False
 
     def __post_init__(self):
         require(self.precision in ("fp32", "bf16"), "precision",

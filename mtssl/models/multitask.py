@@ -17,8 +17,11 @@ from mtssl.tasks.base import TaskHead, TaskOutput, TrunkInfo
 
 def build_trunk(cfg: Config) -> ResNetV2Trunk:
     t = cfg.trunk
-    return ResNetV2Trunk(depth=t.depth, width=t.width, output_stride=t.output_stride, norm=t.norm,
-                         units=t.units, channels_last=t.channels_last)
+    trunk = ResNetV2Trunk(depth=t.depth, width=t.width, output_stride=t.output_stride,
+                          norm=t.norm, units=t.units, channels_last=t.channels_last)
+    if t.compile:
+        trunk.compile()  # nn.Module.compile: in place, so checkpoints keep their names
+    return trunk
 
 
 def trunk_info(cfg: Config, trunk: ResNetV2Trunk) -> TrunkInfo:
