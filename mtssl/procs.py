@@ -1,9 +1,36 @@
-"""Is a recorded process still the one that ran? (run locks, launch records, prep temp files)"""
+"""Processes: is a recorded one still the one that ran (run locks, launch records, prep temp
+files), and children that die with their parent (launched roles, prep's worker processes)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def libc_prctl():
+    """libc's prctl (Linux), None elsewhere. Load it before fork when a child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent(parent: int, prctl=None) -> None:
+    """This process gets SIGTERM from the kernel when its parent dies, even by SIGKILL; if the
+    parent `parent` is already gone, it goes now. Linux only; elsewhere nothing happens."""
+    prctl = prctl or libc_prctl()
+    if prctl is None:
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -62,21 +62,47 @@ def test_a_frame_folder_with_a_gap_is_split_not_bridged(tmp_path):
         assert got == list(range(got[0], got[0] + len(got)))  # consecutive: no jump inside
 
 
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    from mtssl.procs import pid_alive
+    return pid_alive(pid)
+
+
 def test_a_killed_prep_leaves_no_temp_tar_behind_after_the_next_run(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     for i in range(150):
         photo(src / f"p{i:03d}.jpg", i, size=(240, 320))
     before = set(Path(tempfile.gettempdir()).glob("*.tar"))
     proc = subprocess.Popen([sys.executable, "-m", "mtssl.cli", "prep", str(src), str(out),
-                             "--short-side", "64", "--progress", "false"], cwd=ROOT,
+                             "--short-side", "64", "--progress", "false", "--workers", "2"],
+                            cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(out.glob(f"{TEMP_PREFIX}*.tar")):
         assert proc.poll() is None and time.monotonic() < deadline, "no temp tar seen"
         time.sleep(0.01)
+    workers = children(proc.pid)
+    assert workers, "prep --workers 2 runs worker processes"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # Its workers die with it (PR_SET_PDEATHSIG), instead of waiting forever on a dead parent.
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in workers), "prep's workers outlived it"
     # The temporary is next to the output (found by whoever looks there), not in /tmp.
     assert set(Path(tempfile.gettempdir()).glob("*.tar")) <= before
     assert list(out.glob(f"{TEMP_PREFIX}*.tar"))

@@ -16,7 +16,6 @@ coordinator then checkpoints). The roles' pids are recorded in the run directory
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -33,27 +32,16 @@ from mtssl import env as envvars
 from mtssl.config import Config
 from mtssl.distributed.protocol import role_name, task_ranks
 from mtssl.errors import UserError
-from mtssl.procs import pid_alive, start_time
+from mtssl.procs import die_with_parent, libc_prctl, pid_alive, start_time
 
 STOP_GRACE_S = 30.0  # after Ctrl-C: time for the coordinator's final checkpoint
 KILL_GRACE_S = 5.0  # after SIGTERM: time before SIGKILL
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 LAUNCH_RECORD = "launch.json"
-PR_SET_PDEATHSIG = 1
 
 
 class Leftovers(UserError):
     """Roles of an earlier launch of the same run are still running."""
-
-
-def _libc_prctl():
-    # Loaded in the parent: the child between fork and exec should only make the call.
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
 
 
 def child_setup(pgid_holder: list[int], parent: int, prctl):
@@ -61,9 +49,7 @@ def child_setup(pgid_holder: list[int], parent: int, prctl):
     def setup() -> None:
         os.setpgid(0, pgid_holder[0] if pgid_holder else 0)
         if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-            if os.getppid() != parent:  # the launcher died before prctl took effect
-                os.kill(os.getpid(), signal.SIGTERM)
+            die_with_parent(parent, prctl)
     return setup
 
 
@@ -158,7 +144,7 @@ class LocalLauncher:
         # One process per role on a shared machine: split the cores instead of oversubscribing.
         base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.roles))))
         pgid: list[int] = []  # the first role's pid: the group every role joins
-        prctl = _libc_prctl()
+        prctl = libc_prctl()  # loaded here: the child between fork and exec only calls it
         for role in self.roles:
             proc = subprocess.Popen([*self.program, *role.args], env={**base, **role.env},
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -14,6 +14,7 @@ import collections
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,6 +34,7 @@ from mtssl.prep.shards import (
     temp_folder,
 )
 from mtssl.prep.walk import Item, WalkReport, walk
+from mtssl.procs import die_with_parent
 from mtssl.storage import LocalStorage, Storage, open_storage
 from mtssl.validation import ConfigError
 
@@ -60,7 +62,9 @@ def _process(fn: Callable[[Item, PrepConfig], ItemResult], item: Item,
         return ItemResult(skipped=[(item.rel, "error", f"{type(err).__name__}: {err}")])
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
+    # A prep killed outright (SIGKILL, OOM) must not leave its workers waiting forever.
+    die_with_parent(parent)
     # One process per core already: threads inside one would only fight the others.
     import torch
     torch.set_num_threads(1)
@@ -85,7 +89,7 @@ def ordered_map(fn, items: Iterator[tuple[int, Item]], cfg: PrepConfig
 
     # spawn, not fork: children of a process that has started torch's threads can deadlock
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init) as pool:
+                             initializer=_worker_init, initargs=(os.getpid(),)) as pool:
         window: collections.deque = collections.deque()
         for ordinal, item in items:
             window.append((ordinal, item, pool.submit(_process, fn, item, cfg)))
