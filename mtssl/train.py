@@ -212,6 +212,7 @@ class TrainingRun:
             torch.manual_seed(cfg.seed)
             self.model = MultiTaskNet.from_config(cfg).to(self.device)
         self.params = dict(self.model.named_parameters())
+        self.buffers = dict(self.model.named_buffers())
         self.owners = self.model.owned_names()
         self.opt = PerTaskRMSProp(
             params=self.params, owners=self.owners,
@@ -392,9 +393,8 @@ class TrainingRun:
 
     @torch.no_grad()
     def add_buffer_changes(self, changes: dict[str, Tensor]) -> None:
-        buffers = dict(self.model.named_buffers())
         for name, change in changes.items():
-            buf = buffers[name]
+            buf = self.buffers[name]
             buf.add_(change.round().to(buf.dtype) if not buf.is_floating_point() else change)
 
     def record(self, task: str, reports: list[dict], seconds: float) -> None:

@@ -61,7 +61,6 @@ class Coordinator(TrainingRun):
         self.tasks = self.model.tasks
         self.layouts = {t: Layout.of(self.model, t) for t in self.tasks}
         self.workers = {t: getattr(cfg.tasks, t).workers for t in self.tasks}
-        self.buffers = dict(self.model.named_buffers())
         self.failures: dict[str, str] = {}
         self.dead: set[str] = set()  # task groups that can no longer be talked to
         self.staleness_max: dict[str, int] = defaultdict(int)
