@@ -14,6 +14,7 @@ rule.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -40,6 +41,23 @@ def rmsprop_delta(grad: Tensor, square_avg: Tensor, momentum_buf: Tensor | None,
     return delta, square_avg, momentum_buf
 
 
+@dataclass(eq=False)
+class _Flat:
+    """One task's RMSProp state as flat buffers over `names` (in order, each reshaped to 1-D),
+    a workspace of the same size (the denominator, which then becomes the delta), and each
+    buffer's per-parameter views."""
+    names: tuple[str, ...]
+    square_avg: Tensor
+    momentum: Tensor | None
+    work: Tensor
+    views: dict[str, list[Tensor]]  # "square_avg" / "momentum" / "work" -> views, in name order
+
+
+def split_views(buf: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
+    """buf (N,) -> one view per shape, in order."""
+    return [part.view(shape) for part, shape in zip(buf.split([s.numel() for s in shapes]), shapes)]
+
+
 class PerTaskRMSProp:
     """Holds one RMSProp state per (task, parameter) and applies summed per-task deltas.
 
@@ -64,14 +82,17 @@ class PerTaskRMSProp:
         self.decay, self.eps, self.momentum, self.weight_decay = decay, eps, momentum, weight_decay
         self.state: dict[str, dict[str, dict[str, Tensor]]] = {t: {} for t in self.owners}
         self.steps: dict[str, int] = {t: 0 for t in self.owners}
+        self._flat: dict[str, _Flat] = {}
 
     def deltas(self, task: str, grads: Mapping[str, Tensor], *, lr_scale: float = 1.0
                ) -> dict[str, Tensor]:
         """Task `task`'s proposed updates from its gradients; advances only that task's state.
 
-        The same arithmetic as `rmsprop_delta`, operation for operation (so the same numbers),
-        done with `torch._foreach_*` over all of the task's tensors at once: a few kernel
-        launches per step instead of a dozen per parameter."""
+        The same arithmetic as `rmsprop_delta`, operation for operation (so the same numbers).
+        A task's state lives in one flat buffer per kind (`_Flat`), so each operation is one
+        kernel over all of the task's elements: per-tensor calls (a few hundred parameters x
+        ten operations) cost more than the arithmetic on a CPU. The deltas are views into the
+        task's workspace: valid until the task's next `deltas` call (apply or add them first)."""
         owned = set(self.owners[task])
         stray = [n for n in grads if n not in owned]
         if stray:
@@ -83,33 +104,11 @@ class PerTaskRMSProp:
         params = [self.params[n] for n in names]
         g = [grad if grad.dtype == p.dtype else grad.to(p.dtype)
              for grad, p in zip(grads.values(), params)]
-        state = self.state[task]
-        for n, p in zip(names, params):
-            st = state.get(n)
-            if st is None:
-                st = state[n] = {"square_avg": torch.zeros_like(p, memory_format=torch.preserve_format)}
-            if self.momentum and "momentum" not in st:
-                st["momentum"] = torch.zeros_like(p)
-        sts = [state[n] for n in names]
-        lr, decay = self.lr[task] * lr_scale, self.decay
+        flat = self._flat_state(task, names)
+        lr = self.lr[task] * lr_scale
         with torch.no_grad():
-            # In place on the task's state, fused where `rmsprop_delta` fuses (same rounding):
-            # square_avg = decay * square_avg + (1 - decay) * grad * grad
-            sq = [st["square_avg"] for st in sts]
-            torch._foreach_mul_(sq, decay)
-            torch._foreach_addcmul_(sq, g, g, value=1.0 - decay)
-            # direction = grad / (sqrt(square_avg) + eps)  [+ momentum * momentum_buf]
-            denom = torch._foreach_sqrt(sq)
-            torch._foreach_add_(denom, self.eps)
-            direction: list[Tensor] | tuple[Tensor, ...]
-            if self.momentum:
-                direction = [st["momentum"] for st in sts]
-                torch._foreach_mul_(direction, self.momentum)
-                torch._foreach_addcdiv_(direction, g, denom)
-            else:
-                direction = torch._foreach_div(g, denom)
-            # delta = -lr * direction - lr * weight_decay * param (weights, ndim > 1, only)
-            delta = torch._foreach_mul(direction, -lr)
+            delta = self._tensor_deltas(task, names, g, lr) if flat is None else self._flat_deltas(flat, g, lr)
+            # delta -= lr * weight_decay * param (weights, ndim > 1, only)
             if self.weight_decay:
                 decayed = [i for i, p in enumerate(params) if p.ndim > 1]
                 if decayed:
@@ -117,6 +116,78 @@ class PerTaskRMSProp:
                                         [params[i].detach() for i in decayed],
                                         alpha=-lr * self.weight_decay)
         return dict(zip(names, delta))
+
+    def _flat_deltas(self, flat: _Flat, g: list[Tensor], lr: float) -> list[Tensor]:
+        """`rmsprop_delta`'s operations, each one kernel over the task's buffer where it reads
+        no gradient, one per tensor (foreach) where it does: gathering the gradients into a
+        flat copy would cost a pass over memory, more than the calls it saves."""
+        sq, work, v = flat.square_avg, flat.work, flat.views
+        # square_avg = decay * square_avg + (1 - decay) * grad * grad
+        sq.mul_(self.decay)
+        torch._foreach_addcmul_(v["square_avg"], g, g, value=1.0 - self.decay)
+        # direction = grad / (sqrt(square_avg) + eps)  [+ momentum * momentum_buf]
+        torch.sqrt(sq, out=work).add_(self.eps)  # the workspace: a fresh buffer costs page faults
+        if flat.momentum is not None:
+            flat.momentum.mul_(self.momentum)
+            torch._foreach_addcdiv_(v["momentum"], g, v["work"])
+            direction = flat.momentum
+        else:
+            for grad, denom in zip(g, v["work"]):
+                torch.div(grad, denom, out=denom)
+            direction = work
+        # delta = -lr * direction, into the workspace (the denominator is no longer needed)
+        torch.mul(direction, -lr, out=work)
+        return v["work"]
+
+    def _tensor_deltas(self, task: str, names: list[str], g: list[Tensor], lr: float) -> list[Tensor]:
+        """The same operations on one tensor per parameter (parameters of mixed dtypes)."""
+        state = self.state[task]
+        for n in names:
+            st = state.setdefault(n, {})
+            for kind in ("square_avg", "momentum") if self.momentum else ("square_avg",):
+                if kind not in st:
+                    st[kind] = torch.zeros_like(self.params[n])
+        sts = [state[n] for n in names]
+        sq = [st["square_avg"] for st in sts]
+        torch._foreach_mul_(sq, self.decay)
+        torch._foreach_addcmul_(sq, g, g, value=1.0 - self.decay)
+        denom = torch._foreach_sqrt(sq)
+        torch._foreach_add_(denom, self.eps)
+        direction: list[Tensor] | tuple[Tensor, ...]
+        if self.momentum:
+            direction = [st["momentum"] for st in sts]
+            torch._foreach_mul_(direction, self.momentum)
+            torch._foreach_addcdiv_(direction, g, denom)
+        else:
+            direction = torch._foreach_div(g, denom)
+        return list(torch._foreach_mul(direction, -lr))
+
+    def _flat_state(self, task: str, names: list[str]) -> _Flat | None:
+        """The task's flat state laid out for `names` (in order), built on first use and again
+        when a step brings another set of names (a parameter without a gradient): the current
+        per-name values are copied in, and `self.state` then holds views into the buffers.
+        None when the parameters differ in dtype or device (one tensor per parameter then)."""
+        flat = self._flat.get(task)
+        if flat is not None and flat.names == tuple(names):
+            return flat
+        params = [self.params[n] for n in names]
+        if len({(p.dtype, p.device) for p in params}) != 1:
+            return None
+        shapes = [p.shape for p in params]
+        state = self.state[task]
+        kinds = ("square_avg", "momentum") if self.momentum else ("square_avg",)
+        buffers = {k: torch.cat([state[n][k].reshape(-1) if n in state and k in state[n]
+                                 else p.new_zeros(p.numel()) for n, p in zip(names, params)])
+                   for k in kinds}
+        buffers["work"] = torch.empty_like(buffers["square_avg"])
+        views = {k: split_views(buf, shapes) for k, buf in buffers.items()}
+        for k in kinds:
+            for n, view in zip(names, views[k]):
+                state.setdefault(n, {})[k] = view
+        flat = self._flat[task] = _Flat(names=tuple(names), square_avg=buffers["square_avg"],
+                                        momentum=buffers.get("momentum"), work=buffers["work"],
+                                        views=views)
+        return flat
 
     @torch.no_grad()
     def apply(self, deltas: Mapping[str, Tensor]) -> None:
@@ -132,9 +203,8 @@ class PerTaskRMSProp:
         for task, grads in grads_by_task.items():
             deltas = self.deltas(task, grads, lr_scale=lr_scale)
             shared = [n for n in deltas if n in total]
-            if shared:
-                summed = torch._foreach_add([total[n] for n in shared], [deltas[n] for n in shared])
-                total.update(zip(shared, summed))
+            if shared:  # in place into the first task's delta (its workspace, not read again)
+                torch._foreach_add_([total[n] for n in shared], [deltas[n] for n in shared])
             total.update((n, d) for n, d in deltas.items() if n not in total)
         self.apply(total)
 
@@ -152,3 +222,4 @@ class PerTaskRMSProp:
             self.state[task] = {n: {k: v.to(self.params[n].device, copy=True)
                                     for k, v in s.items()} for n, s in per.items()}
             self.steps[task] = int(sd["steps"].get(task, 0))
+            self._flat.pop(task, None)  # rebuilt from the loaded tensors on the next step
