@@ -92,6 +92,22 @@ def test_relative_position_label_matches_geometry():
     assert seen == set(range(8))
 
 
+def test_relative_position_skips_only_images_the_grid_never_fits():
+    """The stream marks a skipped image unusable for good, so a skip must not depend on one draw:
+    an image the grid fits in at only part of the area range is always used (at an area in that
+    part), and one it fits in at none of it is always skipped."""
+    cfg = task_cfg("relative_position", min_pixels=5000, max_pixels=20000)  # grid span 68 px
+    sampler = TASKS["relative_position"].build_sampler(cfg, TRUNK, False)
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 255, (60, 120, 3), dtype=np.uint8)  # the grid fits above 9,248 px
+    for seed in range(50):
+        assert sampler(wide, np.random.default_rng(seed))["patches"].shape[0] == 1 + cfg.pairs
+    tiny = rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)  # needs 2.3x enlargement (max 2x)
+    for seed in range(5):
+        with pytest.raises(SkipSample, match="too_small"):
+            sampler(tiny, np.random.default_rng(seed))
+
+
 def test_relative_position_patches_are_normalised_and_pixelated_on_request():
     photo = embedded_photos().load(0)
 

@@ -1,6 +1,6 @@
 """Relative position (Doersch et al. 2015): which of the 8 neighbours is the second patch?
 
-Sampler: resize the image to a random area, lay a 3x3 grid of patches with gaps and jitter
+Sampler: resize the image to a random area (where the grid fits), lay a 3x3 grid of patches with gaps and jitter
 (the gap and jitter stop the net from matching edges and textures across the border), take
 the centre patch and `pairs` of its neighbours, each patch normalised to zero mean and unit
 variance on its own and some randomly downsampled and upsampled again (against low-level
@@ -44,6 +44,7 @@ class RelativePositionConfig(TaskConfig):
     gap: int = 48
     jitter: int = 7
     min_pixels: int = 150_000  # the image is resized to a random area in [min, max] pixels
+    # (in the part of that range where the grid fits: too small only if no part does)
     max_pixels: int = 450_000
     max_upscale: float = 2.0  # images needing more enlargement than this are skipped as too small
     color_drop: bool = True  # without harmonization: keep one colour channel, noise the others
@@ -84,11 +85,15 @@ class RelativePositionSampler:
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         c = self.cfg
         h, w = img.shape[:2]
-        area = rng.uniform(c.min_pixels, c.max_pixels)
-        scale = np.sqrt(area / (h * w))
-        nh, nw = int(round(h * scale)), int(round(w * scale))
-        if scale > c.max_upscale or min(nh, nw) < c.span:
+        # The area is drawn from the part of [min_pixels, max_pixels] where the grid fits and the
+        # enlargement stays within max_upscale: a skip marks the image unusable for good
+        # (data/stream.py), so it must depend on the image, not on one draw.
+        lo = max(c.min_pixels, h * w * (c.span / min(h, w)) ** 2)
+        hi = min(c.max_pixels, h * w * c.max_upscale ** 2)
+        if lo > hi:
             raise SkipSample("too_small")
+        scale = np.sqrt(rng.uniform(lo, hi) / (h * w))
+        nh, nw = max(c.span, int(round(h * scale))), max(c.span, int(round(w * scale)))  # rounding
         img = resize(img, (nh, nw))
         y0 = int(rng.integers(c.jitter, nh - c.span + c.jitter + 1))
         x0 = int(rng.integers(c.jitter, nw - c.span + c.jitter + 1))
