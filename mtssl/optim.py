@@ -107,7 +107,10 @@ class PerTaskRMSProp:
         flat = self._flat_state(task, names)
         lr = self.lr[task] * lr_scale
         with torch.no_grad():
-            delta = self._tensor_deltas(task, names, g, lr) if flat is None else self._flat_deltas(flat, g, lr)
+            if flat is None:
+                delta = self._tensor_deltas(task, names, g, lr)
+            else:
+                delta = self._flat_deltas(flat, g, lr)
             # delta -= lr * weight_decay * param (weights, ndim > 1, only)
             if self.weight_decay:
                 decayed = [i for i, p in enumerate(params) if p.ndim > 1]

@@ -1,10 +1,10 @@
 """Relative position (Doersch et al. 2015): which of the 8 neighbours is the second patch?
 
-Sampler: resize the image to a random area (where the grid fits), lay a 3x3 grid of patches with gaps and jitter
-(the gap and jitter stop the net from matching edges and textures across the border), take
-the centre patch and `pairs` of its neighbours, each patch normalised to zero mean and unit
-variance on its own and some randomly downsampled and upsampled again (against low-level
-cues; Doersch et al. 2015, as issue 9 lists them; docs/experiments.md).
+Sampler: resize the image to a random area (where the grid fits), lay a 3x3 grid of patches
+with gaps and jitter (the gap and jitter stop the net from matching edges and textures across
+the border), take the centre patch and `pairs` of its neighbours, each patch normalised to zero
+mean and unit variance on its own and some randomly downsampled and upsampled again (against
+low-level cues; Doersch et al. 2015, as issue 9 lists them; docs/experiments.md).
 Several pairs share one grid's centre: the image is decoded, resized and its centre patch
 run through the trunk once for all of them. Head: two residual units per patch, flatten,
 join each (centre, neighbour) pair, three fully connected residual units, 8-way classifier.
