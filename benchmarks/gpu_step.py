@@ -5,7 +5,8 @@
     python benchmarks/gpu_step.py --config quickstart --device cpu -o tasks.exemplar.batch_size=4
 
 On one fixed set of batches (the first batch of each task's stream, drawn by the project's
-samplers) it times, as medians over --steps repeats (CUDA-synchronised on a GPU), per precision:
+samplers) it times, as medians over --steps rounds in which each part runs once in turn
+(CUDA-synchronised on a GPU), per precision:
   * project step: every task's `task_gradients` (forward at trunk.precision, loss, per-task
     gradients) without per-task checks, one `check_finite` for the step, the loss and metrics
     into a `Accumulator` (mtssl/runlog.py), and the per-task RMSProp update: the loop as it should run;
@@ -44,23 +45,28 @@ def images(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *x.shape[-3:])
 
 
-def timed(fn, repeats: int, device: torch.device, warmup: int = 1) -> tuple[float, int]:
-    """Median seconds of fn() over `repeats`, and the peak device memory (bytes; 0 on the CPU)."""
+def timed(fns: dict, repeats: int, device: torch.device, warmup: int = 1) -> dict[str, tuple[float, int]]:
+    """Median seconds of each fn() over `repeats`, and its peak device memory (bytes; 0 on the
+    CPU). The functions take turns, one call each per round, so a machine whose speed drifts
+    (a shared CPU, a GPU's clocks) slows them alike and the ratios stay fair."""
     cuda = device.type == "cuda"
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    peaks = dict.fromkeys(fns, 0)
     for _ in range(warmup):  # allocator, autograd and kernel caches
-        fn()
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
+        for fn in fns.values():
+            fn()
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
-    return statistics.median(times), peak
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device))
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
 
 
 def sampler_rates(cfg, data: TaskData, tasks: list[str], batches: int) -> tuple[dict, dict]:
@@ -129,16 +135,13 @@ def measure(cfg, model, opt, batches, device, repeats: int) -> dict:
                 out = model.trunk(images(batches[t][TASKS[t].input_key])).out
             out.float().sum().backward()
 
-    step_s, peak = timed(project_step, repeats, device)
-    reads_s, _ = timed(step_with_reads, repeats, device)
-    parts = {name: timed(fn, repeats, device)[0]
-             for name, fn in (("gradients", gradients), ("check", finite_check), ("update", update))}
-    alone_s, _ = timed(tasks_alone, repeats, device)
-    trunk_s, _ = timed(trunk_only, repeats, device)
+    r = timed({"step": project_step, "reads": step_with_reads, "gradients": gradients,
+               "check": finite_check, "update": update, "alone": tasks_alone, "trunk": trunk_only},
+              repeats, device)
     model.zero_grad(set_to_none=True)
     n_images = sum(images(batches[t][TASKS[t].input_key]).shape[0] for t in model.tasks)
-    return {"step": step_s, "reads": reads_s, "alone": alone_s, **parts, "trunk": trunk_s, "peak": peak,
-            "images_s": n_images / step_s}
+    return {**{name: seconds for name, (seconds, _) in r.items()}, "peak": r["step"][1],
+            "images_s": n_images / r["step"][0]}
 
 
 def main(argv: list[str] | None = None) -> list[list[str]]:
