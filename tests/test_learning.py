@@ -76,7 +76,8 @@ def test_relative_position_learns_on_real_photos():
     trunk.eval(), head.eval()
     with torch.no_grad():
         out = head(fresh_batch(sampler, 64), lambda x: mix(trunk(x).taps))
-    assert out.metrics["acc"] > 2 * out.chance["acc"], out.metrics  # measured 0.42, chance 0.125
+    # measured 0.42 (chance 0.125); 0.14 with the image at 2.2-5x the grid's area, as before
+    assert out.metrics["acc"] > 2 * out.chance["acc"], out.metrics
 
 
 def test_health_check_flags_a_collapsed_exemplar_head_and_not_a_healthy_one():
