@@ -147,7 +147,7 @@ class PerTaskRMSProp:
         state = self.state[task]
         for n in names:
             st = state.setdefault(n, {})
-            for kind in ("square_avg", "momentum") if self.momentum else ("square_avg",):
+            for kind in self._kinds():
                 if kind not in st:
                     st[kind] = torch.zeros_like(self.params[n])
         sts = [state[n] for n in names]
@@ -165,6 +165,10 @@ class PerTaskRMSProp:
             direction = torch._foreach_div(g, denom)
         return list(torch._foreach_mul(direction, -lr))
 
+    def _kinds(self) -> tuple[str, ...]:
+        """The state each (task, parameter) keeps."""
+        return ("square_avg", "momentum") if self.momentum else ("square_avg",)
+
     def _flat_state(self, task: str, names: list[str]) -> _Flat | None:
         """The task's flat state laid out for `names` (in order), built on first use and again
         when a step brings another set of names (a parameter without a gradient): the current
@@ -178,7 +182,7 @@ class PerTaskRMSProp:
             return None
         shapes = [p.shape for p in params]
         state = self.state[task]
-        kinds = ("square_avg", "momentum") if self.momentum else ("square_avg",)
+        kinds = self._kinds()
         buffers = {k: torch.cat([state[n][k].reshape(-1) if n in state and k in state[n]
                                  else p.new_zeros(p.numel()) for n, p in zip(names, params)])
                    for k in kinds}

@@ -312,6 +312,8 @@ def motion_mask(frames: Sequence[np.ndarray], index: int, *, offsets: Sequence[i
     """
     import cv2
 
+    if refine is not None and refine not in REFINERS:  # before the flow, not after it
+        raise ValueError(f"unknown refine {refine!r}; expected one of {REFINERS} or None")
     score = motion_score(frames, index, offsets=offsets, work_size=work_size, method=method,
                          preset=preset)  # (h, w)
     h, w = score.shape
@@ -331,11 +333,9 @@ def motion_mask(frames: Sequence[np.ndarray], index: int, *, offsets: Sequence[i
         rgb = _resize_long(frames[index % len(frames)], work_size)
         if refine == "guided":
             mask = _guided_refine(mask, rgb, radius=max(1, round(guided_radius * unit)), eps=guided_eps)
-        elif refine == "grabcut":
+        else:
             mask = _grabcut_refine(mask, rgb, band=max(2, round(20 * unit)), size=refine_size,
                                    iters=refine_iters)
-        else:
-            raise ValueError(f"unknown refine {refine!r}; expected one of {REFINERS} or None")
     H, W = frames[index].shape[:2]
     if (h, w) == (H, W):
         return mask

@@ -93,7 +93,8 @@ class RelativePositionSampler:
         if lo > hi:
             raise SkipSample("too_small")
         scale = np.sqrt(rng.uniform(lo, hi) / (h * w))
-        nh, nw = max(c.span, int(round(h * scale))), max(c.span, int(round(w * scale)))  # rounding
+        # round() may land a pixel short of the span on the image's short side
+        nh, nw = max(c.span, int(round(h * scale))), max(c.span, int(round(w * scale)))
         img = resize(img, (nh, nw))
         y0 = int(rng.integers(c.jitter, nh - c.span + c.jitter + 1))
         x0 = int(rng.integers(c.jitter, nw - c.span + c.jitter + 1))
