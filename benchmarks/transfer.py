@@ -54,12 +54,20 @@ GPU_SETS = ["trunk.depth=50", "trunk.units=null", "trunk.width=1.0", "trunk.outp
 PROBE_SETS = ["image_size=96", "resize=108", "weight_decay=1e-2"]
 
 
-def run(cmd: list[str], log: Path) -> None:
+def start(cmd: list[str], log: Path, *, threads: int | None = None) -> subprocess.Popen:
     print("$", " ".join(cmd), flush=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with log.open("a") as f:
-        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        sys.exit(f"failed ({done.returncode}); see {log}")
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def wait(proc: subprocess.Popen, log: Path) -> None:
+    if proc.wait():
+        sys.exit(f"failed ({proc.returncode}); see {log}")
+
+
+def run(cmd: list[str], log: Path) -> None:
+    wait(start(cmd, log), log)
 
 
 def prepare_motion(data: Path, work: Path, *, frames_per_video: int) -> Path:
@@ -81,10 +89,8 @@ def prepare_motion(data: Path, work: Path, *, frames_per_video: int) -> Path:
     return out
 
 
-def pretrain(trunk: str, *, args, motion: Path, sets: list[str]) -> Path:
+def pretrain_cmd(trunk: str, *, args, motion: Path, sets: list[str]) -> list[str]:
     out = args.work / "runs" / trunk
-    if (out / "done").exists():
-        return out
     shutil.rmtree(out, ignore_errors=True)
     hours = args.minutes / 60
     task_sets = ([f"tasks.{t}.enabled={str(t == trunk).lower()}" for t in TASKS]
@@ -98,10 +104,36 @@ def pretrain(trunk: str, *, args, motion: Path, sets: list[str]) -> Path:
                f"budget.gpu_hours={hours}", f"milestones.every_gpu_hours={hours / args.milestones}",
                "output.checkpoint_every=10000000", "output.keep_last=1", "output.log_every=50",
                "output.progress=false", *sets, *task_sets] for x in ("--set", s))]
-    start = time.perf_counter()
-    run(cmd, args.work / f"train-{trunk}.log")
-    (out / "done").write_text(f"{time.perf_counter() - start:.1f}\n")
-    return out
+    return cmd
+
+
+def pretrain_all(names: list[str], *, args, motion: Path) -> dict[str, Path | None]:
+    """Pre-train every trunk (cached: a finished run is kept), `args.jobs` at a time. Each run
+    is one device: with --jobs 2 on 2 cores, each gets one core (OMP_NUM_THREADS=1) unless the
+    environment sets the thread count, and its budget counts its own wall time."""
+    runs: dict[str, Path | None] = {n: None if n == "random" else args.work / "runs" / n
+                                    for n in names}
+    todo = [n for n, out in runs.items() if out is not None and not (out / "done").exists()]
+    threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1)
+                                                                // args.jobs)
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            n = todo.pop(0)
+            cmd = pretrain_cmd(n, args=args, motion=motion, sets=args.sets)
+            running[n] = (start(cmd, args.work / f"train-{n}.log", threads=threads),
+                          time.perf_counter())
+        finished = [n for n, (proc, _) in running.items() if proc.poll() is not None]
+        if not finished:
+            time.sleep(2)
+        for n in finished:  # each frees its slot
+            proc, began = running.pop(n)
+            if proc.returncode:  # stop the others too: a failed benchmark leaves nothing running
+                for other, _ in running.values():
+                    other.terminate()
+                wait(proc, args.work / f"train-{n}.log")
+            (args.work / "runs" / n / "done").write_text(f"{time.perf_counter() - began:.1f}\n")
+    return runs
 
 
 def pretext_at(run_dir: Path, step: int) -> dict[str, dict]:
@@ -236,6 +268,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, help="pre-training budget per trunk")
     ap.add_argument("--milestones", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="pre-training runs at once (each one device: on a CPU, one core each)")
     args = ap.parse_args()
     gpu = args.device == "cuda"
     args.minutes = args.minutes or (5.0 if gpu else 1.2 if args.quick else 7.0)
@@ -249,8 +283,7 @@ def main() -> None:
         sys.exit(f"unknown trunks {unknown}; choose from {', '.join(TRUNKS)}")
     start = time.perf_counter()
     motion = prepare_motion(args.data, args.work, frames_per_video=12 if args.quick else 24)
-    runs = {n: None if n == "random" else pretrain(n, args=args, motion=motion, sets=args.sets)
-            for n in names}
+    runs = pretrain_all(names, args=args, motion=motion)
     print("probing (caltech10 train -> test)", flush=True)
     rows = probe_all(runs, args=args)
     text = table(rows)
