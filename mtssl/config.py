@@ -31,7 +31,7 @@ __all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "save
 MODEL_SECTIONS = ("seed", "trunk", "tasks", "lasso", "harmonization")
 # Of the data section, what decides which samples a worker draws (checked with the model's
 # sections); loader settings (num_workers, image_cache) may differ between roles.
-SHARED_DATA_KEYS = ("images", "frames", "holdout_every")
+SHARED_DATA_KEYS = ("images", "frames", "holdout_every", "shared_draws")
 
 # ResNet-v2 units per block for blocks 1-3 (block 4 is not part of pre-training).
 DEPTH_UNITS: dict[int, tuple[int, int, int]] = {
@@ -116,8 +116,12 @@ class DataConfig:
     # 'embedded' (synthetic clips from those photos), a folder of frames with masks beside them,
     # or a dataset written by `mtssl prep`
     frames: str = "embedded"
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader processes per task (0: sampling in the training process)
     image_cache: int = 256  # decoded images kept per loader process (0 = off)
+    # Tasks reading one source kind pick the item of batch b's slot j from one shared pick
+    # stream (each keeps its own augmentations), and a single process draws their steps
+    # together, decoding each shared item once. Off: each task draws its own items.
+    shared_draws: bool = False
     # One source item in this many is held out of training for the learning-health checks
     # (0: none; the checks then draw from the training items and say so).
     holdout_every: int = 50
