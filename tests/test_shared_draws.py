@@ -251,3 +251,22 @@ def test_resuming_with_the_switch_flipped_says_the_samples_change(caplog):
     check_resumable(saved, load_config("quickstart", [*TINY, "data.shared_draws=true"]))
     assert "changed data settings data.shared_draws" in caplog.text
 
+
+def test_the_benchmark_prints_its_ratios(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+    photos = noise_photos(6)
+    for i in range(len(photos)):
+        Image.fromarray(photos.load(i)).save(tmp_path / f"{i}.png")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shared_decode.py"
+    spec = importlib.util.spec_from_file_location("shared_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table = bench.main([*(a for o in TINY for a in ("-o", o)), "--images", str(tmp_path),
+                        "--steps", "2"])
+    assert table[0][:3] == ["images", "decodes/step off / on", "ratio"]
+    off, on = (float(v) for v in table[1][1].split(" / "))
+    assert on < off and float(table[1][2]) == pytest.approx(on / off, abs=0.01)
+    assert "samples/s/core" in capsys.readouterr().out
