@@ -129,8 +129,7 @@ class TaskFeed:
         self.device, self.clock = device, clock
         self.params = dict(model.named_parameters())
         self.names = model.owned_names()[task]
-        self.batches = batches or TaskBatches(data, task, shard=shard,
-                                              pin_memory=device.type == "cuda")
+        self.batches = batches or TaskBatches(data, shard=shard, pin_memory=device.type == "cuda")
 
     def compute(self, *, step: int, batch_index: int, check: bool = True
                 ) -> tuple[dict[str, Tensor], dict]:

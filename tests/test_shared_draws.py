@@ -224,7 +224,7 @@ def test_joint_loader_matches_the_tasks_own_streams_and_distributed_shards(worke
     joint = batches_of(feeds, IMAGE_TASKS, [0, 1, 2, 5, 6])  # 5: the position moved (resume)
     for t in IMAGE_TASKS:
         own = [data.stream(t).batch(b) for b in [0, 1, 2, 5, 6]]
-        halves = [TaskBatches(data, t, shard=(k, 2)) for k in range(2)]
+        halves = [TaskBatches(data, shard=(k, 2)) for k in range(2)]
         for b, got, want in zip([0, 1, 2, 5, 6], joint[t], own):
             same(got, want)
             parts = [h.batch(t, b) for h in halves]

@@ -85,13 +85,14 @@ class TaskData:
         return JointStream({t: self.stream(t) for t in tasks}, start_batch=start_batch,
                            stop_batch=stop_batch)
 
-    def feeds(self, tasks: list[str], *, pin_memory: bool) -> dict:
+    def feeds(self, tasks: list[str], *, pin_memory: bool
+              ) -> dict[str, TaskBatches | JointBatches]:
         """Each task's supplier of training batches in a single process: with
         data.shared_draws, one joint loader per source kind serves every task reading it (an
         item that several tasks pick in a step is decoded once); else each task its own."""
         from mtssl.tasks import TASKS
         if not self.cfg.data.shared_draws:
-            return {t: TaskBatches(self, t, pin_memory=pin_memory) for t in tasks}
+            return {t: TaskBatches(self, pin_memory=pin_memory) for t in tasks}
         kinds = {t: TASKS[t].source for t in tasks}
         joint = {kind: JointBatches(self, [t for t in tasks if kinds[t] == kind],
                                     pin_memory=pin_memory) for kind in set(kinds.values())}
@@ -99,12 +100,13 @@ class TaskData:
 
 
 class TaskBatches:
-    """One task's batches: its own stream (`shard` of every global batch) through a loader of
-    data.num_workers processes, reopened where the position moved (first round, resume, async)."""
+    """One task's batches (one supplier per task): its own stream (`shard` of every global
+    batch) through a loader of data.num_workers processes, reopened where the position moved
+    (first round, resume, async)."""
 
-    def __init__(self, data: TaskData, task: str, *, shard: tuple[int, int] = (0, 1),
+    def __init__(self, data: TaskData, *, shard: tuple[int, int] = (0, 1),
                  pin_memory: bool = False):
-        self.data, self.task, self.shard, self.pin_memory = data, task, shard, pin_memory
+        self.data, self.shard, self.pin_memory = data, shard, pin_memory
         self.batches: Iterator[dict] = iter(())
         self.expected: int | None = None  # the open loader's next batch index
 
