@@ -122,7 +122,9 @@ class TaskBatches:
 class JointBatches:
     """The batches of the tasks sharing one source's draws, from one loader of whole steps
     (JointStream). It gets data.num_workers processes per task, as many as the tasks' own
-    loaders would have had; each decodes an item once for all the tasks of its step."""
+    loaders would have had; each decodes an item once for all the tasks of its step. Each
+    worker keeps max(1, 4 // tasks) steps ready: for up to four tasks, no more batches in
+    memory than the tasks' own loaders held (4 per worker)."""
 
     def __init__(self, data: TaskData, tasks: list[str], *, pin_memory: bool = False):
         self.data, self.tasks, self.pin_memory = data, tasks, pin_memory
@@ -135,7 +137,9 @@ class JointBatches:
         if b != self.current or task not in self.pending:
             if b != self.next:
                 stream = self.data.joint_stream(self.tasks, start_batch=b)
+                n = len(self.tasks)
                 self.steps = iter(loader(stream, pin_memory=self.pin_memory,
-                                         num_workers=self.data.cfg.data.num_workers * len(self.tasks)))
+                                         num_workers=self.data.cfg.data.num_workers * n,
+                                         prefetch=max(1, 4 // n)))
             self.pending, self.current, self.next = next(self.steps), b, b + 1
         return self.pending.pop(task)

@@ -215,10 +215,11 @@ class JointStream(Batches):
         return {task: s.batch(b, step) for task, s in self.streams.items()}
 
 
-def loader(stream: Batches, *, num_workers: int, pin_memory: bool = False) -> DataLoader:
+def loader(stream: Batches, *, num_workers: int, pin_memory: bool = False,
+           prefetch: int = 4) -> DataLoader:
     """Batches come out in order b, b+1, ... whatever the worker count (DataLoader keeps order).
 
     `pin_memory` (for a CUDA device): page-locked batches, so the copy to the device can overlap
-    the step (`non_blocking`)."""
+    the step (`non_blocking`). `prefetch`: batches each worker keeps ready."""
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                      persistent_workers=False, prefetch_factor=prefetch if num_workers else None)
