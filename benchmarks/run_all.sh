@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-for bench in colour_encoding gpu_step distributed_step prep_memory davis_masks linear_probe; do
+for bench in colour_encoding gpu_step shared_decode distributed_step prep_memory davis_masks linear_probe; do
   echo "=== benchmarks/$bench.py"
   python "benchmarks/$bench.py"
 done

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 
-from mtssl.config import MODEL_SECTIONS, Config, ConfigError, to_dict
+from mtssl.config import MODEL_SECTIONS, SHARED_DATA_KEYS, Config, ConfigError, to_dict
 from mtssl.errors import TrainingError
 
 log = logging.getLogger("mtssl.train")
@@ -45,6 +45,12 @@ def check_resumable(saved: Config, current: Config, allowed: tuple[str, ...] = (
                             "with --allow-changed, e.g. --allow-changed tasks.colorization.lr)")
     if diffs:
         log.warning("resuming with changed settings (--allow-changed): %s", ", ".join(diffs))
+    # The data section may change (a dataset moved, another loader), but these keys decide
+    # which samples come: from here on they differ from what the checkpoint's run would draw.
+    data = [f"data.{k}" for k in SHARED_DATA_KEYS if old["data"][k] != new["data"][k]]
+    if data:
+        log.warning("resuming with changed data settings %s: the samples from here on are not "
+                    "those the checkpoint's run would have drawn", ", ".join(data))
 
 
 def diff_keys(a, b, prefix: str) -> list[str]:

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from torch import Tensor
 from mtssl.accounting import SHARED, DeviceClock, budget_check, device_type
 from mtssl.checkpoint import CheckpointStore
 from mtssl.config import Config, from_dict, save_config, to_dict
-from mtssl.data.sources import TaskData
+from mtssl.data.sources import JointBatches, TaskBatches, TaskData
 from mtssl.data.stream import loader
 from mtssl.env import metrics_port, run_name
 from mtssl.errors import TrainingError
@@ -121,14 +121,15 @@ class TaskFeed:
     """
 
     def __init__(self, cfg: Config, task: str, *, model: MultiTaskNet, data: TaskData,
-                 device: torch.device, clock: DeviceClock, shard: tuple[int, int] = (0, 1)):
+                 device: torch.device, clock: DeviceClock, shard: tuple[int, int] = (0, 1),
+                 batches: TaskBatches | JointBatches | None = None):
+        """`batches`: where the task's batches come from (TaskData.feeds); default its own
+        stream's `shard`."""
         self.cfg, self.task, self.model, self.data = cfg, task, model, data
-        self.device, self.clock, self.shard = device, clock, shard
+        self.device, self.clock = device, clock
         self.params = dict(model.named_parameters())
         self.names = model.owned_names()[task]
-        # The open stream and its next batch index; None opens the stream on the first round.
-        self.batches: Iterator[dict[str, Tensor]] = iter(())
-        self.expected: int | None = None
+        self.batches = batches or TaskBatches(data, shard=shard, pin_memory=device.type == "cuda")
 
     def compute(self, *, step: int, batch_index: int, check: bool = True
                 ) -> tuple[dict[str, Tensor], dict]:
@@ -138,12 +139,7 @@ class TaskFeed:
         `check`: stop here on a non-finite loss or gradient (one device sync); the in-process
         trainer passes False and checks all tasks of a step at once (`check_finite`)."""
         t0 = time.perf_counter()
-        if batch_index != self.expected:  # first round, or the position moved (resume, async)
-            stream = self.data.stream(self.task, start_batch=batch_index, shard=self.shard)
-            self.batches = iter(loader(stream, num_workers=self.cfg.data.num_workers,
-                                       pin_memory=self.device.type == "cuda"))
-        batch = next(self.batches)
-        self.expected = batch_index + 1
+        batch = self.batches.batch(self.task, batch_index)
         skipped = batch["skipped"]
         batch = to_device(batch, self.device)
         grads, loss, metrics = task_gradients(self.model, self.task, batch, cfg=self.cfg,
@@ -473,8 +469,9 @@ class Trainer(TrainingRun):
         """
         with RunLock(self.run_dir):
             self.start_loop()
-            feeds = {t: TaskFeed(self.cfg, t, model=self.model, data=self.data,
-                                 device=self.device, clock=self.clock) for t in self.model.tasks}
+            batches = self.data.feeds(self.model.tasks, pin_memory=self.device.type == "cuda")
+            feeds = {t: TaskFeed(self.cfg, t, model=self.model, data=self.data, device=self.device,
+                                 clock=self.clock, batches=batches[t]) for t in self.model.tasks}
             self.model.train()
 
             def rounds(step: int) -> dict[str, Round]:

@@ -151,7 +151,8 @@ def test_roles_agree_on_the_data_that_decides_samples_not_on_loader_settings():
     same = layout.fingerprint(base)
     for override in ("data.num_workers=2", "data.image_cache=0"):
         assert layout.fingerprint(load_config("quickstart", [*TINY, override])) == same
-    for override in ("data.images=/elsewhere", "data.holdout_every=7", "seed=9"):
+    flipped = f"data.shared_draws={str(not base.data.shared_draws).lower()}"
+    for override in ("data.images=/elsewhere", "data.holdout_every=7", "seed=9", flipped):
         assert layout.fingerprint(load_config("quickstart", [*TINY, override])) != same
 
 

@@ -36,7 +36,10 @@ def test_a_bf16_step_runs_on_the_cpu_and_its_losses_are_close_to_fp32(tiny_confi
     bf16 = one_step(tiny_config("trunk.precision=bf16"))
     for task, (loss, _) in fp32.items():
         assert math.isfinite(bf16[task][0])
-        assert bf16[task][0] == pytest.approx(loss, rel=0.05, abs=0.02), task
+        # Exemplar's semihard negative is a discrete choice that bf16 can flip in a 4-image
+        # batch: |bf16 - fp32| was 0.010-0.047 on seeds 0-3 with shared or private draws.
+        tolerance = 0.06 if task == "exemplar" else 0.02
+        assert bf16[task][0] == pytest.approx(loss, rel=0.05, abs=tolerance), task
 
 
 def test_precision_is_validated(tiny_config):

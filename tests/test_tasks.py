@@ -166,11 +166,13 @@ def test_stream_skips_and_counts_bad_items_once(tmp_path):
     assert set(reasons) == {"tiny.png", "corrupt.jpg", "empty.png"}
 
 
-def test_stream_is_deterministic_and_shards_split_batches():
+@pytest.mark.parametrize("pick_id", [None, 3000])  # own picks; shared picks (data.shared_draws)
+def test_stream_is_deterministic_and_shards_split_batches(pick_id):
     sampler = TASKS["exemplar"].build_sampler(task_cfg("exemplar"), TRUNK, False)
-    full = TaskStream(source=embedded_photos(), sampler=sampler, batch_size=4, seed=3, stream_id=2)
+    full = TaskStream(source=embedded_photos(), sampler=sampler, batch_size=4, seed=3, stream_id=2,
+                      pick_id=pick_id)
     halves = [TaskStream(source=embedded_photos(), sampler=sampler, batch_size=4, seed=3,
-                         stream_id=2, shard=(k, 2)) for k in range(2)]
+                         stream_id=2, shard=(k, 2), pick_id=pick_id) for k in range(2)]
     whole = full.batch(5)["views"]
     joined = torch.cat([h.batch(5)["views"] for h in halves])
     assert torch.equal(whole, joined)

@@ -30,8 +30,9 @@ def test_tiny_run_writes_config_metrics_checkpoint(tiny_config):
     assert set(state.skipped["colorization"].values()) == {"grayscale"}
 
 
-def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tiny_config):
-    sets = ("schedule.max_steps=4", "output.checkpoint_every=100")
+@pytest.mark.parametrize("shared", ["true", "false"])
+def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tiny_config, shared):
+    sets = ("schedule.max_steps=4", "output.checkpoint_every=100", f"data.shared_draws={shared}")
     straight = Trainer(tiny_config(*sets, run="a"))
     straight.train()
 
