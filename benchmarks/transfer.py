@@ -3,6 +3,7 @@ combining tasks help more?
 
     python benchmarks/transfer.py [--quick] [--device cpu|cuda] [--work DIR] [--data DIR]
         [--trunks random,relative_position,...,naive,lasso] [--minutes M] [--milestones K]
+        [--seed S] [--jobs N]
 
 1. Motion masks: `mtssl prep` of the real clips (`videos/*.mp4`) and DAVIS frame folders in
    --data (cached in --work between runs; not the synthetic clips).
@@ -16,8 +17,10 @@ combining tasks help more?
 4. One table (trunk and milestone; device-hours; top-1/top-5; pretext metrics on held-out items
    at that step, with chance), the targets of issue 9 checked, a plot and a JSON file in --work.
 
-The full CPU mode fits 90 minutes on 2 cores, --quick about 15; --device cuda runs the GPU
-config (ResNet-v2-50 through block 3) for --minutes per trunk (default 5).
+The full CPU mode (7 minutes per trunk, one run at a time) takes about 47 minutes, --quick
+about 15; `--minutes 14 --jobs 2` gives every trunk twice the budget in about 48 minutes on 2
+cores (each run one core and one device). --device cuda runs the GPU config (ResNet-v2-50
+through block 3) for --minutes per trunk (default 5), one run at a time on the one GPU.
 """
 
 from __future__ import annotations
