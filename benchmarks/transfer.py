@@ -275,6 +275,9 @@ def main() -> None:
                     help="pre-training runs at once (each one device: on a CPU, one core each)")
     args = ap.parse_args()
     gpu = args.device == "cuda"
+    if args.jobs < 1 or (gpu and args.jobs > 1):
+        sys.exit(f"--jobs {args.jobs}: at least 1, and 1 on a GPU (runs sharing one GPU would "
+                 "not get comparable device-hours)")
     args.minutes = args.minutes or (5.0 if gpu else 1.2 if args.quick else 7.0)
     args.sets = GPU_SETS if gpu else CPU_SETS
     args.work = (args.work or ROOT / "runs" / f"transfer-{time.strftime('%Y%m%d-%H%M%S')}")
