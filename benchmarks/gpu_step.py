@@ -25,13 +25,13 @@ import argparse
 import datetime
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
 from mtssl.config import load_config
 from mtssl.data.sources import TaskData
+from mtssl.eval.report import table_text
 from mtssl.models.multitask import MultiTaskNet
 from mtssl.optim import PerTaskRMSProp
 from mtssl.precision import autocast
@@ -200,13 +200,7 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
                      *(f"{rate[task]:.0f} vs {batch / r['step']:.0f} = {rate[task] * r['step'] / batch:.1f}x"
                        for r in results.values())])
     header = ["measure", *precisions]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    line = lambda row: " | ".join(str(c).ljust(w) for c, w in zip(row, widths))  # noqa: E731
-    print(line(header))
-    print("-+-".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-    sys.stdout.flush()
+    print(table_text(header, rows), flush=True)
     return [header, *rows]
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 from mtssl.config import load_config
 from mtssl.data.sources import TaskData
+from mtssl.eval.report import table_text
 from mtssl.tasks import TASKS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -107,13 +107,7 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
           f"torch {torch.__version__}, {datetime.date.today()}")
     header = ["images", "decodes/step off / on", "ratio", "samples/s/core off / on", "ratio",
               "ms/step off / on"]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    line = lambda row: " | ".join(c.ljust(w) for c, w in zip(row, widths))  # noqa: E731
-    print(line(header))
-    print("-+-".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-    sys.stdout.flush()
+    print(table_text(header, rows), flush=True)
     return [header, *rows]
 
 

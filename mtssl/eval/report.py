@@ -273,6 +273,14 @@ def fmt(v) -> str:
     return "—" if v is None else f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
 
+def table_text(head: list[str], rows: list[list]) -> str:
+    """The same table as plain text with aligned columns (what the benchmarks print)."""
+    cells = [[str(c) for c in row] for row in [head, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join([lines[0], "-+-".join("-" * w for w in widths), *lines[1:]])
+
+
 def table_html(head: list[str], rows: list[list]) -> str:
     cells = "".join("<tr>" + "".join(f"<td>{fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
     return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
