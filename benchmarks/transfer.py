@@ -94,7 +94,6 @@ def prepare_motion(data: Path, work: Path, *, frames_per_video: int) -> Path:
 
 def pretrain_cmd(trunk: str, *, args, motion: Path, sets: list[str]) -> list[str]:
     out = args.work / "runs" / trunk
-    shutil.rmtree(out, ignore_errors=True)
     hours = args.minutes / 60
     task_sets = ([f"tasks.{t}.enabled={str(t == trunk).lower()}" for t in TASKS]
                  if trunk in TASKS else [f"lasso.mode={trunk}"])
@@ -123,6 +122,7 @@ def pretrain_all(names: list[str], *, args, motion: Path) -> dict[str, Path | No
     while todo or running:
         while todo and len(running) < args.jobs:
             n = todo.pop(0)
+            shutil.rmtree(runs[n], ignore_errors=True)  # an unfinished run starts afresh
             cmd = pretrain_cmd(n, args=args, motion=motion, sets=args.sets)
             running[n] = (start(cmd, args.work / f"train-{n}.log", threads=threads),
                           time.perf_counter())
@@ -135,7 +135,7 @@ def pretrain_all(names: list[str], *, args, motion: Path) -> dict[str, Path | No
                 for other, _ in running.values():
                     other.terminate()
                 wait(proc, args.work / f"train-{n}.log")
-            (args.work / "runs" / n / "done").write_text(f"{time.perf_counter() - began:.1f}\n")
+            (runs[n] / "done").write_text(f"{time.perf_counter() - began:.1f}\n")
     return runs
 
 
