@@ -93,9 +93,17 @@ def lab_to_rgb(lab: Tensor, dim: int = -3, clip: bool = True) -> Tensor:
     return rgb.clamp(0.0, 1.0) if clip else rgb
 
 
+def lightness(rgb: Tensor, dim: int = -3) -> Tensor:
+    """sRGB in [0, 1] -> CIE L in [0, 100], one channel at `dim`: rgb_to_lab's L from Y alone,
+    at a third of its cost (harmonized inputs need no a and b)."""
+    _check_channels(rgb, dim, 3, "rgb")
+    weights = _shape_for(_RGB_TO_XYZ[1] / _WHITE[1], rgb, dim)
+    return 116 * _lab_f((_srgb_to_linear(rgb) * weights).sum(dim, keepdim=True)) - 16
+
+
 def harmonized_input(rgb: Tensor, dim: int = -3) -> Tensor:
     """The paper's harmonization: Lab lightness scaled to [-1, 1], replicated to 3 channels."""
-    L = rgb_to_lab(rgb, dim).narrow(dim, 0, 1)
+    L = lightness(rgb, dim)
     return (L / 50 - 1).clamp(-1.0, 1.0).repeat_interleave(3, dim=dim)
 
 

@@ -92,6 +92,15 @@ def test_harmonized_input():
     torch.testing.assert_close(ends, torch.tensor([[1.0] * 3, [-1.0] * 3]), atol=1e-5, rtol=0)
 
 
+def test_lightness_is_lab_l_at_any_dim():
+    rgb = _random_rgb(2, 3, 9, 9)
+    torch.testing.assert_close(C.lightness(rgb), C.rgb_to_lab(rgb)[:, :1])
+    last = rgb.movedim(1, -1)
+    torch.testing.assert_close(C.lightness(last, dim=-1), C.rgb_to_lab(last, dim=-1)[..., :1])
+    with pytest.raises(ValueError, match="3 channels"):
+        C.lightness(rgb[:, :2])
+
+
 def test_rgb_input():
     torch.testing.assert_close(C.rgb_input(torch.tensor([0.0, 0.5, 1.0])), torch.tensor([-1.0, 0.0, 1.0]))
 
