@@ -73,10 +73,14 @@ def run(cmd: list[str], log: Path) -> None:
     wait(start(cmd, log), log)
 
 
+def _frame_count(prepared: Path) -> int:
+    return json.loads((prepared / "manifest.json").read_text())["frames"]["count"]
+
+
 def prepare_motion(data: Path, work: Path, *, frames_per_video: int) -> Path:
     """Real clips + DAVIS frame folders -> `mtssl prep` shards with motion masks (cached)."""
     out = work / f"motion-{frames_per_video}"
-    if (out / "manifest.json").exists():
+    if (out / "manifest.json").exists() and _frame_count(out):
         return out
     staging = work / "motion-input"
     shutil.rmtree(staging, ignore_errors=True)
@@ -89,6 +93,8 @@ def prepare_motion(data: Path, work: Path, *, frames_per_video: int) -> Path:
     run([sys.executable, "-m", "mtssl.cli", "prep", str(staging), str(out), "--overwrite",
          "--frames-per-video", str(frames_per_video), "--progress", "false"], work / "prep.log")
     print(f"motion masks prepared in {time.perf_counter() - start:.0f} s", flush=True)
+    if not _frame_count(out):
+        sys.exit(f"no motion frames prepared from {data}; see {work / 'prep.log'}")
     return out
 
 
@@ -280,6 +286,7 @@ def main() -> None:
                  "not get comparable device-hours)")
     args.minutes = args.minutes or (5.0 if gpu else 1.2 if args.quick else 7.0)
     args.sets = GPU_SETS if gpu else CPU_SETS
+    args.data = args.data.resolve()  # prep's staging folder links to it: a relative path would dangle
     args.work = (args.work or ROOT / "runs" / f"transfer-{time.strftime('%Y%m%d-%H%M%S')}")
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
