@@ -157,9 +157,16 @@ def assert_matches_reference(run_dir: Path, reference, step: int = STEPS) -> dic
     ref = reference["store"].load(f"checkpoints/step_{step:09d}.pt")
     assert got_step == step == ckpt["step"]
     assert ckpt["model"].keys() == ref["model"].keys()
+    # One process reduces a task's whole batch, the workers two halves: the sums round
+    # differently (4e-9 after step 1 on the 2026-12-07 machine), and training amplifies that
+    # step by step, there to 1-4 % of a weight's movement since step 1 by step 8 (L2 over each
+    # tensor). A half batch instead of the whole moves the weights elsewhere (150 % of the
+    # movement, median over tensors, measured the same way), so 10 % still fails it.
+    first = reference["store"].load("checkpoints/step_000000001.pt")["model"]
     for name, value in ref["model"].items():
-        diff = (ckpt["model"][name].double() - value.double()).abs().max().item()
-        assert diff <= 1e-5, (name, diff)
+        got, want, start = (t.double() for t in (ckpt["model"][name], value, first[name]))
+        diff = (got - want).norm().item()
+        assert diff <= max(1e-5, 0.1 * (want - start).norm().item()), (name, diff)
     assert ckpt["optimizer"]["steps"] == ref["optimizer"]["steps"]
     assert ckpt["positions"] == ref["positions"] and ckpt["samples"] == ref["samples"]
     assert ckpt["skipped"] == ref["skipped"]

@@ -127,6 +127,21 @@ def test_relative_position_patches_are_normalised_and_pixelated_on_request():
     assert roughness(pixelated) < 0.8 * roughness(sharp)
 
 
+def test_colour_dropping_keeps_one_channel_per_patch():
+    photo = embedded_photos().load(0)  # astronaut: every channel varies
+    sampler = TASKS["relative_position"].build_sampler(
+        task_cfg("relative_position", normalize_patches=False, downsample_prob=0.0), TRUNK, False)
+    kept = []
+    for seed in range(4):
+        p = torch.from_numpy(sampler(photo, np.random.default_rng(seed))["patches"])  # (9, 3, P, P)
+        spread = p.flatten(2).std(2)  # (9, 3)
+        loud = spread > 20 * spread.min(1, keepdim=True).values
+        assert (loud.sum(1) == 1).all(), spread  # one channel kept, the other two faint noise
+        kept.append(loud.float().argmax(1))
+    # each patch draws its own channel: a grid whose nine patches all kept one is 1 in 6,561
+    assert all(len(set(k.tolist())) > 1 for k in kept)
+
+
 def test_harmonized_patches_are_lightness_only():
     cfg = task_cfg("relative_position")
     s = TASKS["relative_position"].build_sampler(cfg, TRUNK, True)(
