@@ -20,7 +20,9 @@ combining tasks help more?
 The full CPU mode (7 minutes per trunk, one run at a time) takes about 47 minutes, --quick
 about 15; `--minutes 14 --jobs 2` gives every trunk twice the budget in about 48 minutes on 2
 cores (each run one core and one device). --device cuda runs the GPU config (ResNet-v2-50
-through block 3) for --minutes per trunk (default 5), one run at a time on the one GPU.
+through block 3) for --minutes per trunk (default 5), one run at a time on the one GPU. A lent
+GPU machine that sees only the repository reads the inputs packed by
+`benchmarks/device_data.py` (--data and --work from there; the command is in its docstring).
 """
 
 from __future__ import annotations
