@@ -4,7 +4,6 @@ motion masks prepared, and nothing left that points back into the data folder.""
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,4 +38,3 @@ def test_device_data_packs_photos_and_prepared_motion(tmp_path, capsys, monkeypa
     assert manifest["frames"]["count"] > 0
     assert not any(p.is_symlink() for p in out.rglob("*"))  # links would not travel
     assert "total" in capsys.readouterr().out
-    sys.modules.pop("transfer", None)
