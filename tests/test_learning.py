@@ -43,23 +43,38 @@ def train_task(task: str, cfg, *, steps: int, batch_size: int, lr: float = 3e-4,
     return trunk, head, mix, sampler
 
 
-def fresh_batch(sampler, n: int):
+def fresh_batch(sampler, n: int, stream_id: int = 99):
     """New draws (another stream id) from the same photos: not the batches trained on."""
     batch = TaskStream(source=embedded_photos(), sampler=sampler, batch_size=n, seed=1,
-                       stream_id=99).batch(0)
+                       stream_id=stream_id).batch(0)
     batch.pop("skipped")
     return batch
 
 
 @pytest.mark.slow
 def test_exemplar_embeddings_do_not_collapse_on_real_photos():
+    """Retrieval is averaged over 8 fresh batches of 64 (chance 1/64) and compared with the same
+    trunk untrained, on the same draws. One batch of 13 was too few to read: on one seed it
+    measured 3/13 here and 2/13 on CI's CPU, against a bar of more than 2/13. Measured over
+    seeds 0-5 (2026-12-07): trained 0.100-0.129, untrained 0.049-0.072, ratio 1.47-2.51."""
     cfg = TASKS["exemplar"].config_cls(image_size=48, patch_size=16)
-    trunk, head, mix, sampler = train_task("exemplar", cfg, steps=150, batch_size=8)
-    with torch.no_grad():
-        out = head(fresh_batch(sampler, 13), lambda x: mix(trunk(x).taps))
-    assert head.collapse(out.metrics) is None, out.metrics
-    assert out.metrics["spread"] > 0.5
-    assert out.metrics["retrieval_acc"] > 2 * out.chance["retrieval_acc"], out.metrics
+    untrained_trunk, untrained_head, untrained_mix, sampler = train_task("exemplar", cfg, steps=0,
+                                                                         batch_size=8)
+    batches = [fresh_batch(sampler, 64, 99 + k) for k in range(8)]
+
+    def evaluate(trunk, head, mix) -> tuple[float, float]:
+        """(mean retrieval accuracy, mean spread) over the fresh batches."""
+        with torch.no_grad():
+            outs = [head(b, lambda x: mix(trunk(x).taps)) for b in batches]
+        assert all(head.collapse(o.metrics) is None for o in outs), [o.metrics for o in outs]
+        return tuple(sum(float(o.metrics[k]) for o in outs) / len(outs)
+                     for k in ("retrieval_acc", "spread"))
+
+    untrained, _ = evaluate(untrained_trunk, untrained_head, untrained_mix)
+    trained, spread = evaluate(*train_task("exemplar", cfg, steps=150, batch_size=8)[:3])
+    assert spread > 0.5
+    assert trained > 4 / 64, (trained, untrained)
+    assert trained > 1.25 * untrained, (trained, untrained)
 
 
 @pytest.mark.slow
